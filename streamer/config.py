@@ -1,0 +1,233 @@
+"""Settings for a streamer server: sources, model and server, loaded from YAML.
+
+Everything a user can set lives in the pydantic models below. A YAML file in ``configs/``
+loads into :class:`Settings`; command-line flags are applied on top with
+:func:`apply_overrides`. Both paths validate, and a bad value fails at start-up with
+:class:`ConfigError`, whose message names the offending field.
+
+This module imports nothing heavy (no torch, no OpenCV): the CLI reads configs before it
+decides whether a model is needed at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+#: The model id that names the project's own tiny random-weight Qwen2-VL. It is resolved to
+#: a folder in the cache (built on first use) and then loaded with ``from_pretrained`` like
+#: any other model. Its answers are gibberish.
+TINY_MODEL_ID = "tiny-random"
+
+#: The configuration ``streamer demo`` runs (``configs/demo.yaml`` holds the same).
+DEMO_CONFIG: dict[str, Any] = {
+    "sources": [{"name": "demo", "url": "demo", "sample_fps": 2.0, "max_side": 448}],
+    "model": {"id": TINY_MODEL_ID, "frames": 8, "max_new_tokens": 32},
+    "server": {"host": "127.0.0.1", "port": 8765},
+}
+
+
+#: Where built artefacts (the tiny model) are cached. ``STREAMER_CACHE`` overrides it.
+def cache_dir() -> Path:
+    env = os.environ.get("STREAMER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "streamer"
+
+
+class ConfigError(ValueError):
+    """A configuration could not be read or is invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key must fail loudly instead of silently using a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class SourceConfig(_Strict):
+    """One video source and how it is sampled into its ring buffer."""
+
+    name: str = Field(pattern=SOURCE_NAME_PATTERN, description="stream id used by clients")
+    url: str = Field(
+        min_length=1,
+        description="'demo' (synthetic test pattern), a webcam index or /dev/videoN, "
+        "a file path, or an rtsp:// (or other FFmpeg) URL",
+    )
+    sample_fps: float = Field(default=2.0, gt=0, le=60, description="frames kept per second of video")
+    max_side: int = Field(default=640, ge=56, le=4096, description="longer side of kept frames, pixels")
+    buffer_frames: int = Field(default=64, ge=2, le=4096, description="ring buffer capacity")
+    loop: bool = Field(default=True, description="files: start again at the end")
+    realtime: bool = Field(default=True, description="files and demo: pace reading at the video's own speed")
+    width: int | None = Field(default=None, ge=16, description="demo and webcam: requested width")
+    height: int | None = Field(default=None, ge=16, description="demo and webcam: requested height")
+    fps: float | None = Field(default=None, gt=0, le=240, description="demo and webcam: requested frame rate")
+
+    @property
+    def kind(self) -> Literal["demo", "webcam", "rtsp", "file"]:
+        return source_kind(self.url)
+
+
+def source_kind(url: str) -> Literal["demo", "webcam", "rtsp", "file"]:
+    """Classify a source URL: the one rule every part of streamer uses."""
+    if url == "demo":
+        return "demo"
+    if url.isdigit() or re.fullmatch(r"/dev/video\d+", url):
+        return "webcam"
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        return "rtsp"
+    return "file"
+
+
+class ModelConfig(_Strict):
+    """Which Qwen2-VL to load and how to prompt it."""
+
+    id: str = Field(
+        default="Qwen/Qwen2-VL-2B-Instruct",
+        min_length=1,
+        description=f"hub id or local folder; '{TINY_MODEL_ID}' is the project's tiny random model",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    frames: int = Field(default=8, ge=2, le=64, description="newest sampled frames given per question")
+    min_pixels: int = Field(default=128 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel floor")
+    max_pixels: int = Field(default=768 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel cap")
+    max_new_tokens: int = Field(default=128, ge=1, le=1024)
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.id == TINY_MODEL_ID
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    tokens: list[SecretStr] = Field(default_factory=list, description="access tokens; empty = no auth")
+    queue_size: int = Field(default=32, ge=1, le=10_000, description="questions waiting at most")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_non_empty(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        if any(not t.get_secret_value() for t in tokens):
+            raise ValueError("an access token must not be empty")
+        return tokens
+
+
+class Settings(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return sources
+
+    def source(self, name: str) -> SourceConfig | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: dict[str, Any], origin: str = "config") -> Settings:
+    """Validate a plain mapping into :class:`Settings` or raise :class:`ConfigError`."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (not yet validated)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def load_settings(path: str | Path) -> Settings:
+    return parse_settings(read_config_file(path), origin=str(path))
+
+
+def parse_source_flag(flag: str) -> dict[str, str]:
+    """``NAME=URL`` -> ``{"name": NAME, "url": URL}``; a bare URL is named ``cam0``."""
+    name, sep, url = flag.partition("=")
+    if not sep:
+        raise ConfigError(f"--source expects NAME=URL, got {flag!r}")
+    return {"name": name, "url": url}
+
+
+def apply_overrides(
+    data: dict[str, Any],
+    *,
+    sources: list[str] | None = None,
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    tokens: list[str] | None = None,
+    origin: str = "config",
+) -> Settings:
+    """Apply command-line flags on top of a config mapping and validate the result.
+
+    ``--source`` flags replace a source of the same name or add a new one; ``--token``
+    flags are added to the configured tokens.
+    """
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if sources:
+        current = [dict(s) if isinstance(s, dict) else s for s in merged.get("sources") or []]
+        for flag in sources:
+            entry = parse_source_flag(flag)
+            for i, s in enumerate(current):
+                if isinstance(s, dict) and s.get("name") == entry["name"]:
+                    current[i] = {**s, "url": entry["url"]}
+                    break
+            else:
+                current.append(entry)
+        merged["sources"] = current
+    if model is not None:
+        merged.setdefault("model", {})
+        merged["model"] = {**(merged["model"] or {}), "id": model}
+    server = dict(merged.get("server") or {})
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if tokens:
+        server["tokens"] = list(server.get("tokens") or []) + list(tokens)
+    if server:
+        merged["server"] = server
+    return parse_settings(merged, origin=origin)

@@ -1,0 +1,244 @@
+"""The project's tiny random-weight Qwen2-VL: a real model folder, built here, never downloaded.
+
+Tests, the offline demo and CI need a Qwen2-VL that loads through the very same
+``from_pretrained`` code as ``Qwen/Qwen2-VL-2B-Instruct``, but no weights can be downloaded.
+:func:`build_tiny_model` writes one: a config in Qwen2-VL's shape (small), random weights
+from a fixed seed, a byte-level BPE tokenizer trained on a small built-in corpus with
+Qwen2-VL's special tokens, and a processor with Qwen2-VL's chat template.
+
+Its answers are gibberish: the weights are random. It exists to exercise every code path,
+not to answer anything.
+
+The shape follows ``NOTES-qwen2vl.md`` so that vLLM's CPU backend can serve the same folder:
+text head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...), mrope_section summing to
+head_dim / 2, and a vision merger whose output width equals the text hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from streamer.config import cache_dir
+
+log = logging.getLogger(__name__)
+
+#: Bump when anything below changes what is built, so stale caches are rebuilt.
+TINY_MODEL_VERSION = 1
+TINY_MODEL_SEED = 1234
+GIBBERISH_NOTE = "tiny random-weight model: its answers are gibberish"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL-Instruct's chat template (as published with the model), so prompts built for the
+# tiny model have the real model's structure.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A small corpus in the languages users ask in, so the tokenizer has merges for them.
+_CORPUS = [
+    "What is moving in the video? A person walks across the loading bay.",
+    "What is the barcode on the box I am holding? The barcode reads 4006381333931.",
+    "Alert me when someone enters the room. Nobody is in the room right now.",
+    "The camera shows a parking lot with three cars and a red truck.",
+    "Describe the scene. A test pattern with coloured bars and a moving circle.",
+    "How many people are there? There are two people near the door.",
+    "视频里有什么在动？一个人正在走过装货区。",
+    "盒子上的条形码是什么？",
+    "ما الذي يتحرك في الفيديو؟ شخص يمشي عبر منطقة التحميل.",
+    "Was bewegt sich im Video? Qu'est-ce qui bouge dans la vidéo ? ¿Qué se mueve?",
+    "0123456789 frame clock time seconds minutes hours yes no left right up down",
+]
+
+
+def _tiny_config_dict(vocab_size: int, token_ids: dict[str, int]) -> dict:
+    return {
+        "model_type": "qwen2_vl",
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "image_token_id": token_ids["<|image_pad|>"],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids["<|vision_start|>"],
+        "vision_end_token_id": token_ids["<|vision_end|>"],
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen2_vl_text",
+            "vocab_size": vocab_size,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_act": "silu",
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+            "bos_token_id": token_ids["<|endoftext|>"],
+            "eos_token_id": token_ids["<|im_end|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+        },
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 128,
+            "mlp_ratio": 4,
+            "num_heads": 4,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+def _train_tokenizer(vocab_size: int = 1024):
+    """Train a byte-level BPE on the corpus and wrap it as a Qwen2 tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    spec = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=spec["vocab"],
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.add_tokens(SPECIAL_TOKENS[:1], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | None = None) -> Path:
+    """Build the tiny random Qwen2-VL into ``out_dir`` (created; must not hold another model).
+
+    Deterministic: the same seed and library versions give the same weights and tokenizer.
+    """
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    say = progress or (lambda msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    say("training the tiny byte-level BPE tokenizer")
+    tokenizer = _train_tokenizer()
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+
+    say("initialising random weights (seed %d)" % TINY_MODEL_SEED)
+    config = Qwen2VLConfig(**_tiny_config_dict(vocab_size, token_ids))
+    torch.manual_seed(TINY_MODEL_SEED)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = token_ids["<|im_end|>"]
+    model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
+
+    say("saving model, tokenizer and processor")
+    pixels = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}),
+        video_processor=Qwen2VLVideoProcessor(size=pixels, cap_pixels_per_frame=True),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "STREAMER_TINY_MODEL.json").write_text(
+        json.dumps(
+            {
+                "version": TINY_MODEL_VERSION,
+                "seed": TINY_MODEL_SEED,
+                "note": GIBBERISH_NOTE,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def tiny_model_dir() -> Path:
+    """Where the cached tiny model lives (it may not exist yet)."""
+    return cache_dir() / f"tiny-qwen2-vl-v{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(*, progress: Callable[[str], None] | None = None) -> Path:
+    """Return the cached tiny model folder, building it first if it is missing.
+
+    Safe when several processes race: each builds into its own temporary folder and the
+    first to finish renames it into place; the others discard theirs.
+    """
+    target = tiny_model_dir()
+    if (target / "STREAMER_TINY_MODEL.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda msg: None)
+    started = time.monotonic()
+    say(f"building the tiny random Qwen2-VL in {target} (first use only)")
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    try:
+        build_tiny_model(tmp, progress=say)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "STREAMER_TINY_MODEL.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"tiny model ready in {time.monotonic() - started:.1f} s")
+    return target
