@@ -67,6 +67,8 @@ class Source(ABC):
     #: True when frames come faster than real time unless the reader paces them (files,
     #: synthetic patterns); live cameras deliver at their own rate.
     paced: bool = False
+    #: True for sources that end (a file played once): their end is not a failure to retry.
+    finite: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -274,4 +276,6 @@ def make_source(cfg: SourceConfig) -> Source:
         options = {"rtsp_transport": "tcp", "fflags": "nobuffer"} if cfg.url.startswith("rtsp") else {}
         return PyAVSource(cfg.url, options=options)
     path = cfg.url[len("file://") :] if cfg.url.startswith("file://") else cfg.url
-    return PyAVSource(path, loop=cfg.loop, paced=cfg.realtime)
+    source = PyAVSource(path, loop=cfg.loop, paced=cfg.realtime)
+    source.finite = not cfg.loop
+    return source

@@ -161,13 +161,18 @@ class CaptureThread:
                 with self._lock:
                     self._reconnects += 1
             first = False
-            self._set_state("connecting", self._error)
+            with self._lock:
+                last_error = self._error
+            self._set_state("connecting", last_error)
             source = self._source_factory(self.cfg)
             try:
                 source.open()
                 delivered = self._pump(source)
                 if delivered:
                     backoff = BACKOFF_INITIAL_S
+                if source.finite and not self._stop.is_set():
+                    self._set_state("down", "end of file")
+                    return
                 if not self._stop.is_set():
                     self._set_state("down", "end of stream")
             except Exception as err:  # any failure of a source is reported and retried
