@@ -106,7 +106,7 @@ def test_flags_override_the_file() -> None:
 def test_bad_flag_values() -> None:
     with pytest.raises(ConfigError, match="NAME=URL"):
         apply_overrides(DEMO_CONFIG, sources=["just-a-url"])
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         apply_overrides(DEMO_CONFIG, port=70000)
     with pytest.raises(ConfigError, match="sources"):
         apply_overrides(DEMO_CONFIG, sources=["bad name!=demo"])

@@ -121,9 +121,7 @@ async def test_unknown_stream(demo_server: ServerProcess) -> None:
     client = await _client(demo_server)
     msgs = await client.ask("q-unknown", stream="no-such-stream")
     await client.close()
-    assert msgs == [
-        {"type": "error", "id": "q-unknown", "code": "unknown_stream", "message": msgs[0]["message"]}
-    ]
+    assert msgs == [{"type": "error", "id": "q-unknown", "code": "unknown_stream", "message": msgs[0]["message"]}]
 
 
 async def test_newer_ask_supersedes_queued_one(demo_server: ServerProcess) -> None:

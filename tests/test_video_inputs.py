@@ -62,7 +62,9 @@ def _reference(processor, frames: list[np.ndarray], question: str, min_pixels: i
 def test_video_input_matches_reference(processor, height, width, count, min_pixels, max_pixels) -> None:
     rng = np.random.default_rng(height * width + count)
     frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
-    ours = processor_inputs(processor, frames, "What is moving?", sample_fps=2.0, min_pixels=min_pixels, max_pixels=max_pixels)
+    ours = processor_inputs(
+        processor, frames, "What is moving?", sample_fps=2.0, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     ref = _reference(processor, frames, "What is moving?", min_pixels, max_pixels, 2.0)
     assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
     assert ours["video_grid_thw"][0, 0].item() == (count + 1) // 2  # frame pairs, padded to even
@@ -74,7 +76,9 @@ def test_video_input_matches_reference(processor, height, width, count, min_pixe
 def test_smooth_frames_match_reference(processor) -> None:
     """Natural-looking gradients (not just noise) go through the same two resizes."""
     y, x = np.mgrid[0:480, 0:640]
-    frames = [np.stack([(x + 7 * i) % 256, (y + 3 * i) % 256, (x + y) % 256], axis=-1).astype(np.uint8) for i in range(4)]
+    frames = [
+        np.stack([(x + 7 * i) % 256, (y + 3 * i) % 256, (x + y) % 256], axis=-1).astype(np.uint8) for i in range(4)
+    ]
     ours = processor_inputs(processor, frames, "Q", sample_fps=1.0, min_pixels=VIDEO_MIN, max_pixels=200 * 784)
     ref = _reference(processor, frames, "Q", VIDEO_MIN, 200 * 784, 1.0)
     assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])

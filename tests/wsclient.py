@@ -63,6 +63,8 @@ class ProtocolClient:
         finally:
             self.pending = others + self.pending
 
-    async def ask(self, qid: str, stream: str = "demo", question: str = "What is moving?", **extra: Any) -> list[dict[str, Any]]:
+    async def ask(
+        self, qid: str, stream: str = "demo", question: str = "What is moving?", **extra: Any
+    ) -> list[dict[str, Any]]:
         await self.send({"type": "ask", "id": qid, "stream": stream, "question": question, **extra})
         return await self.until_final(qid)

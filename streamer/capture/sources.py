@@ -44,8 +44,8 @@ def mask_url(url: str) -> str:
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     """Scale (width, height) down so the longer side is at most ``max_side``; even sizes."""
     scale = min(1.0, max_side / max(width, height))
-    w = max(2, int(round(width * scale / 2)) * 2)
-    h = max(2, int(round(height * scale / 2)) * 2)
+    w = max(2, round(width * scale / 2) * 2)
+    h = max(2, round(height * scale / 2) * 2)
     return w, h
 
 
@@ -91,7 +91,7 @@ class Source(ABC):
 
 
 class _AVFrame:
-    __slots__ = ("_frame", "pts", "width", "height", "_stamp")
+    __slots__ = ("_frame", "_stamp", "height", "pts", "width")
 
     def __init__(self, frame: Any, pts: float | None, stamp: int | None = None) -> None:
         self._frame = frame
@@ -188,7 +188,7 @@ class PyAVSource(Source):
 
 
 class _CVFrame:
-    __slots__ = ("_cap", "pts", "width", "height")
+    __slots__ = ("_cap", "height", "pts", "width")
 
     def __init__(self, cap: Any, pts: float, width: int, height: int) -> None:
         self._cap = cap

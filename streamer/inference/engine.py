@@ -171,4 +171,6 @@ class TransformersEngine(Engine):
                 stopping_criteria=StoppingCriteriaList([stop]),
             )
         text = decoder.finish()
-        return GenerationResult(text=text, token_ids=decoder.ids, stopped=stop.fired, first_token_at=streamer.first_token_at)
+        return GenerationResult(
+            text=text, token_ids=decoder.ids, stopped=stop.fired, first_token_at=streamer.first_token_at
+        )

@@ -98,4 +98,6 @@ def load_model(cfg: ModelConfig, progress: Callable[[str], None] | None = None) 
     model.to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     say(f"model ready: {params / 1e6:.1f} M parameters")
-    return LoadedModel(model=model, processor=processor, device=device, dtype=dtype, model_id=cfg.id, path=path, note=note)
+    return LoadedModel(
+        model=model, processor=processor, device=device, dtype=dtype, model_id=cfg.id, path=path, note=note
+    )

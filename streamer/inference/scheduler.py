@@ -267,7 +267,9 @@ class InferenceLoop:
             text=result.text,
             frames=FrameSpan.of(frames),
             queued_ms=round((started - q.received_at) * 1000, 1),
-            first_token_ms=None if result.first_token_at is None else round((result.first_token_at - q.received_at) * 1000, 1),
+            first_token_ms=None
+            if result.first_token_at is None
+            else round((result.first_token_at - q.received_at) * 1000, 1),
             total_ms=round((done - q.received_at) * 1000, 1),
         )
         if self._finish_once(q):

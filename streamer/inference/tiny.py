@@ -181,7 +181,7 @@ def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | N
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer)
 
-    say("initialising random weights (seed %d)" % TINY_MODEL_SEED)
+    say(f"initialising random weights (seed {TINY_MODEL_SEED})")
     config = Qwen2VLConfig(**_tiny_config_dict(vocab_size, token_ids))
     torch.manual_seed(TINY_MODEL_SEED)
     model = Qwen2VLForConditionalGeneration(config).eval()

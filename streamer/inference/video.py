@@ -92,7 +92,9 @@ def processor_inputs(
     system_prompt: str | None = None,
 ) -> Any:
     """Tokenised prompt plus video tensors (a ``BatchFeature``) for one question."""
-    prompt = processor.apply_chat_template(chat_messages(question, system_prompt), add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        chat_messages(question, system_prompt), add_generation_prompt=True, tokenize=False
+    )
     video = video_tensor(frames, min_pixels=min_pixels, max_pixels=max_pixels)
     return processor(
         text=[prompt],

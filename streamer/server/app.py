@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from starlette.applications import Starlette
@@ -58,6 +58,14 @@ class StreamerServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_listening: Callable[[str, int], None] | None = None) -> None:
         super().__init__(config)
         self._on_listening = on_listening
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises a caught SIGINT/SIGTERM after shutting down, which kills the
+            # process with that signal. The shutdown was graceful: let the caller exit 0.
+            self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

@@ -150,7 +150,9 @@ class Connection:
             return False
         given = token.encode()
         # Compare against every token, so timing says nothing about which one nearly matched.
-        results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in self.runtime.settings.server.tokens]
+        results = [
+            hmac.compare_digest(given, t.get_secret_value().encode()) for t in self.runtime.settings.server.tokens
+        ]
         return any(results)
 
     async def _authenticate(self) -> bool:

@@ -1,0 +1,194 @@
+"""The inference loop in-process, with the tiny model and hand-filled ring buffers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.capture.ring import RingBuffer
+from streamer.config import ModelConfig
+from streamer.inference.engine import TransformersEngine
+from streamer.inference.loader import load_model
+from streamer.inference.scheduler import Answer, InferenceLoop, Question, Rejected, StreamFeed, window_of
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def _add(self, kind: str, q: Question, value: object) -> None:
+        with self.lock:
+            self.events.append((kind, q.id, value))
+            self.done.notify_all()
+
+    def on_accepted(self, q: Question, position: int) -> None:
+        self._add("accepted", q, position)
+
+    def on_text(self, q: Question, text: str) -> None:
+        self._add("token", q, text)
+
+    def on_answer(self, q: Question, answer: Answer) -> None:
+        self._add("answer", q, answer)
+
+    def on_error(self, q: Question, code: str, message: str) -> None:
+        self._add("error", q, code)
+
+    def finals(self) -> dict[str, list[object]]:
+        out: dict[str, list[object]] = {}
+        with self.lock:
+            for kind, qid, value in self.events:
+                if kind in ("answer", "error"):
+                    out.setdefault(qid, []).append(value if kind == "error" else "answer")
+        return out
+
+    def wait_finals(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while sum(len(v) for v in self._finals_unlocked().values()) < n:
+                left = deadline - time.monotonic()
+                assert left > 0, f"only {self._finals_unlocked()} after {timeout} s"
+                self.done.wait(left)
+
+    def _finals_unlocked(self) -> dict[str, list[object]]:
+        out: dict[str, list[object]] = {}
+        for kind, qid, value in self.events:
+            if kind in ("answer", "error"):
+                out.setdefault(qid, []).append(value)
+        return out
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> TransformersEngine:
+    cfg = ModelConfig(id=str(tiny_model))
+    return TransformersEngine(load_model(cfg), cfg)
+
+
+def _filled_ring(n: int = 8, size: tuple[int, int] = (336, 448)) -> RingBuffer:
+    ring = RingBuffer(16)
+    rng = np.random.default_rng(n)
+    for _ in range(n):
+        ring.push(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return ring
+
+
+def _question(qid: str, sink: RecordingSink, owner: object = "c1", stream: str = "s", tokens: int = 4) -> Question:
+    return Question(id=qid, stream=stream, text="What?", owner=owner, sink=sink, frames=4, max_new_tokens=tokens)
+
+
+def test_window_keeps_only_frames_of_the_newest_size() -> None:
+    ring = _filled_ring(3, (100, 100))
+    for _ in range(2):
+        ring.push(np.zeros((120, 160, 3), dtype=np.uint8))
+    assert [f.seq for f in window_of(ring, 8)] == [3, 4]
+
+
+def test_answers_use_newest_frames_and_stream_tokens(engine: TransformersEngine) -> None:
+    ring = _filled_ring(10)
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=4)
+    loop.start()
+    sink = RecordingSink()
+    try:
+        assert loop.submit(_question("a", sink, tokens=6)) == 0
+        sink.wait_finals(1)
+    finally:
+        loop.stop()
+    answer = next(v for k, _, v in sink.events if k == "answer")
+    assert isinstance(answer, Answer)
+    assert (answer.frames.first_seq, answer.frames.last_seq, answer.frames.count) == (6, 9, 4)
+    assert "".join(str(v) for k, _, v in sink.events if k == "token") == answer.text
+    assert sink.events[0] == ("accepted", "a", 0)
+
+
+def test_refusals_end_the_question_once(engine: TransformersEngine) -> None:
+    loop = InferenceLoop(engine, {"s": StreamFeed(RingBuffer(4), 2.0)}, queue_size=1)
+    sink = RecordingSink()
+    with pytest.raises(Rejected) as info:
+        loop.submit(_question("nostream", sink, stream="other"))
+    assert info.value.code == "unknown_stream"
+    with pytest.raises(Rejected) as info:
+        loop.submit(_question("noframes", sink))
+    assert info.value.code == "stream_unavailable"
+    assert sink.finals() == {"nostream": ["unknown_stream"], "noframes": ["stream_unavailable"]}
+
+
+def test_queue_full_is_busy_and_stop_ends_queued_questions(engine: TransformersEngine) -> None:
+    loop = InferenceLoop(engine, {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=2)  # not started
+    sink = RecordingSink()
+    loop.submit(_question("q1", sink, owner="a"))
+    loop.submit(_question("q2", sink, owner="b"))
+    with pytest.raises(Rejected) as info:
+        loop.submit(_question("q3", sink, owner="c"))
+    assert info.value.code == "busy"
+    loop.stop()
+    assert sink.finals() == {"q3": ["busy"], "q1": ["shutting_down"], "q2": ["shutting_down"]}
+    with pytest.raises(Rejected):
+        loop.submit(_question("late", sink, owner="d"))
+
+
+def test_engine_failure_is_internal_and_the_loop_lives_on(engine: TransformersEngine) -> None:
+    class FailingOnce:
+        note = None
+        model_id = "x"
+
+        def __init__(self) -> None:
+            self.failed = False
+
+        def generate(self, request, on_text, should_stop):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("simulated failure")
+            return engine.generate(request, on_text, should_stop)
+
+    loop = InferenceLoop(FailingOnce(), {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=4)  # type: ignore[arg-type]
+    loop.start()
+    sink = RecordingSink()
+    try:
+        loop.submit(_question("boom", sink, owner="a"))
+        sink.wait_finals(1)
+        loop.submit(_question("fine", sink, owner="a"))
+        sink.wait_finals(2)
+    finally:
+        loop.stop()
+    assert sink.finals() == {"boom": ["internal"], "fine": ["answer"]}
+
+
+def test_random_mix_of_asks_and_cancels_ends_each_question_exactly_once(engine: TransformersEngine) -> None:
+    rings = {"s": StreamFeed(_filled_ring(), 2.0), "t": StreamFeed(_filled_ring(6), 2.0)}
+    loop = InferenceLoop(engine, rings, queue_size=8)
+    loop.start()
+    sink = RecordingSink()
+    rng = random.Random(7)
+    submitted: list[str] = []
+    try:
+        for i in range(60):
+            owner = rng.choice(["a", "b", "c"])
+            action = rng.random()
+            if action < 0.6:
+                qid = f"q{i}"
+                submitted.append(qid)
+                try:
+                    loop.submit(
+                        _question(qid, sink, owner=owner, stream=rng.choice(["s", "t"]), tokens=rng.randint(1, 24))
+                    )
+                except Rejected:
+                    pass
+            elif action < 0.85 and submitted:
+                loop.cancel(owner, rng.choice(submitted))
+            else:
+                loop.cancel_owner(owner)
+            time.sleep(rng.random() * 0.01)
+        sink.wait_finals(len(submitted), timeout=120)
+    finally:
+        loop.stop()
+    finals = sink.finals()
+    assert sorted(finals) == sorted(submitted)
+    assert all(len(v) == 1 for v in finals.values()), finals
+    outcomes = {v[0] for v in finals.values()}
+    assert "answer" in outcomes and outcomes <= {"answer", "cancelled", "superseded", "busy"}
