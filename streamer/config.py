@@ -67,9 +67,20 @@ class SourceConfig(_Strict):
     buffer_frames: int = Field(default=64, ge=2, le=4096, description="ring buffer capacity")
     loop: bool = Field(default=True, description="files: start again at the end")
     realtime: bool = Field(default=True, description="files and demo: pace reading at the video's own speed")
+    transport: Literal["tcp", "udp"] = Field(default="tcp", description="rtsp: RTP transport")
+    open_timeout_s: float = Field(default=10.0, gt=0, le=300, description="network sources: give up opening after")
+    stall_timeout_s: float = Field(default=10.0, gt=0, le=300, description="reconnect when no frame came for this long")
+    backoff_initial_s: float = Field(default=0.5, gt=0, le=60, description="first wait before reopening a source")
+    backoff_max_s: float = Field(default=30.0, gt=0, le=3600, description="longest wait between reopen attempts")
     width: int | None = Field(default=None, ge=16, description="demo and webcam: requested width")
     height: int | None = Field(default=None, ge=16, description="demo and webcam: requested height")
     fps: float | None = Field(default=None, gt=0, le=240, description="demo and webcam: requested frame rate")
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> SourceConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError("backoff_initial_s must not exceed backoff_max_s")
+        return self
 
     @property
     def kind(self) -> Literal["demo", "webcam", "rtsp", "file"]:

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,18 +27,19 @@ log = logging.getLogger(__name__)
 
 DEMO_SIZE = (640, 480)
 DEMO_FPS = 15.0
-#: Seconds to wait for a network source to open, and for each read after that.
-OPEN_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 10.0
 
 
 class SourceError(RuntimeError):
     """A source could not be opened or stopped delivering frames."""
 
 
-def mask_url(url: str) -> str:
-    """Hide credentials in a URL (``rtsp://user:pass@host`` -> ``rtsp://***@host``) for logs."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def mask_url(text: str) -> str:
+    """Hide credentials in URLs (``rtsp://user:pass@host`` -> ``rtsp://***@host``), also
+    inside longer text such as a library's error message, before it is logged or shown."""
+    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -61,8 +62,18 @@ class DecodedFrame(Protocol):
         ...
 
 
+#: Told the frame time (media seconds) of the next input frame, answers whether it may be
+#: kept; a source may then skip decoding frames nobody wants (never a frame it says yes to).
+WantedHint = Callable[[float], bool]
+
+
 class Source(ABC):
-    """One video source. Not thread-safe: a source belongs to one capture thread."""
+    """One video source. Not thread-safe: a source belongs to one capture thread.
+
+    ``frames_in`` counts input frames read (decoded or skipped), for the input rate.
+    """
+
+    frames_in: int = 0
 
     #: True when frames come faster than real time unless the reader paces them (files,
     #: synthetic patterns); live cameras deliver at their own rate.
@@ -82,8 +93,8 @@ class Source(ABC):
         """Open the source; raises :class:`SourceError` (or the library's error) on failure."""
 
     @abstractmethod
-    def frames(self) -> Iterator[DecodedFrame]:
-        """Decoded frames in order; returns at the end of a finite source."""
+    def frames(self, wanted: WantedHint | None = None) -> Iterator[DecodedFrame]:
+        """Decoded frames in presentation order; returns at the end of the input."""
 
     @abstractmethod
     def close(self) -> None:
@@ -120,7 +131,13 @@ def _stamp_demo_frame(rgb: np.ndarray, frame_number: int) -> np.ndarray:
 
 
 class PyAVSource(Source):
-    """Anything FFmpeg opens: files, ``rtsp://`` and other network URLs, lavfi graphs."""
+    """Anything FFmpeg opens: files, ``rtsp://`` and other network URLs, lavfi graphs.
+
+    Frames that the capture thread will not keep are dropped as early as FFmpeg allows:
+    when the ``wanted`` hint says no, the decoder is told to skip non-reference frames
+    (``skip_frame=NONREF``), so they are never decoded, and no frame is converted to RGB
+    unless it is kept.
+    """
 
     def __init__(
         self,
@@ -131,6 +148,8 @@ class PyAVSource(Source):
         loop: bool = False,
         paced: bool = False,
         stamp_frames: bool = False,
+        open_timeout_s: float = 10.0,
+        read_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(url)
         self._format = format
@@ -138,6 +157,7 @@ class PyAVSource(Source):
         self._loop = loop
         self.paced = paced
         self._stamp_frames = stamp_frames
+        self._timeouts = (open_timeout_s, read_timeout_s)
         self._container: Any = None
 
     def open(self) -> None:
@@ -145,33 +165,42 @@ class PyAVSource(Source):
 
         self.close()
         try:
-            self._container = av.open(
-                self.url,
-                format=self._format,
-                options=self._options,
-                timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S),
-            )
+            self._container = av.open(self.url, format=self._format, options=self._options, timeout=self._timeouts)
         except av.FFmpegError as err:
-            raise SourceError(f"cannot open {self.description}: {err}") from None
+            raise SourceError(mask_url(f"cannot open {self.url}: {err}")) from None
         if not self._container.streams.video:
             self.close()
             raise SourceError(f"{self.description} has no video stream")
 
-    def frames(self) -> Iterator[DecodedFrame]:
+    def frames(self, wanted: WantedHint | None = None) -> Iterator[DecodedFrame]:
+        import av
+
         if self._container is None:
             raise SourceError("source is not open")
         stream = self._container.streams.video[0]
         stream.thread_type = "AUTO"
+        codec = stream.codec_context
         rate = float(stream.average_rate or stream.guessed_rate or 30)
         offset = 0.0  # media time added per loop, so pts keeps increasing across loops
         number = 0
         while True:
             last_pts: float | None = None
-            for frame in self._container.decode(stream):
-                pts = None if frame.time is None else frame.time + offset
-                yield _AVFrame(frame, pts, number if self._stamp_frames else None)
-                number += 1
-                last_pts = pts
+            try:
+                for packet in self._container.demux(stream):
+                    if packet.size:
+                        self.frames_in += 1
+                        if wanted is not None and packet.pts is not None and packet.time_base is not None:
+                            keep = wanted(float(packet.pts * packet.time_base) + offset)
+                            codec.skip_frame = "DEFAULT" if keep else "NONREF"
+                    else:
+                        codec.skip_frame = "DEFAULT"  # the flush at the end gives buffered frames back
+                    for frame in packet.decode():
+                        pts = None if frame.time is None else frame.time + offset
+                        yield _AVFrame(frame, pts, number if self._stamp_frames else None)
+                        number += 1
+                        last_pts = pts
+            except av.FFmpegError as err:
+                raise SourceError(mask_url(f"{self.url}: {err}")) from None
             if not self._loop:
                 return
             if last_pts is None:
@@ -239,7 +268,7 @@ class OpenCVSource(Source):
             log.warning("webcam %s: asked for %s, device gives %s", self.url, self._requested, got)
         self._cap = cap
 
-    def frames(self) -> Iterator[DecodedFrame]:
+    def frames(self, wanted: WantedHint | None = None) -> Iterator[DecodedFrame]:
         import cv2
 
         if self._cap is None:
@@ -250,6 +279,7 @@ class OpenCVSource(Source):
         while True:
             if not self._cap.grab():
                 raise SourceError(f"webcam {self.url} stopped delivering frames")
+            self.frames_in += 1
             yield _CVFrame(self._cap, time.monotonic() - started, width, height)
 
     def close(self) -> None:
@@ -273,8 +303,12 @@ def make_source(cfg: SourceConfig) -> Source:
     if kind == "webcam":
         return OpenCVSource(cfg.url, width=cfg.width, height=cfg.height, fps=cfg.fps)
     if kind == "rtsp":
-        options = {"rtsp_transport": "tcp", "fflags": "nobuffer"} if cfg.url.startswith("rtsp") else {}
-        return PyAVSource(cfg.url, options=options)
+        options: dict[str, str] = {"fflags": "nobuffer", "flags": "low_delay"}
+        if cfg.url.lower().startswith(("rtsp://", "rtsps://")):
+            options["rtsp_transport"] = cfg.transport
+        return PyAVSource(
+            cfg.url, options=options, open_timeout_s=cfg.open_timeout_s, read_timeout_s=cfg.stall_timeout_s
+        )
     path = cfg.url[len("file://") :] if cfg.url.startswith("file://") else cfg.url
     source = PyAVSource(path, loop=cfg.loop, paced=cfg.realtime)
     source.finite = not cfg.loop

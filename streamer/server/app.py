@@ -6,6 +6,7 @@ HTTP and the WebSocket share one port and one stack: ``/ws`` (PROTOCOL.md), ``/h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,13 +19,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from streamer.capture import StreamStatus
 from streamer.server.connection import Connection
 from streamer.server.runtime import Runtime
+from streamer.server.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
 
 def create_app(runtime: Runtime) -> Starlette:
+    subscriptions = Subscriptions()
+
     async def healthz(request: Request) -> JSONResponse:
         streams = runtime.stream_objects()
         serving = runtime.loop is not None
@@ -38,10 +43,19 @@ def create_app(runtime: Runtime) -> Starlette:
         return JSONResponse(body, status_code=200 if serving else 503)
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
-        await Connection(websocket, runtime).serve()
+        await Connection(websocket, runtime, subscriptions).serve()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def status_changed(status: StreamStatus) -> None:  # on a capture thread
+            try:
+                loop.call_soon_threadsafe(subscriptions.broadcast_status, status)
+            except RuntimeError:  # the event loop has closed: nobody is listening
+                pass
+
+        runtime.add_status_listener(status_changed)
         yield
         # uvicorn has stopped taking connections: end open questions, stop capture.
         runtime.stop()

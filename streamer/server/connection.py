@@ -29,7 +29,8 @@ from streamer.server.protocol import (
     error_message,
     parse_client_message,
 )
-from streamer.server.runtime import Runtime
+from streamer.server.runtime import Runtime, stream_status_message
+from streamer.server.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,10 @@ class _QuestionSink:
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, runtime: Runtime) -> None:
+    def __init__(self, websocket: WebSocket, runtime: Runtime, subscriptions: Subscriptions) -> None:
         self.ws = websocket
         self.runtime = runtime
+        self.subscriptions = subscriptions
         self.id = next(_connection_ids)
         self.loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[str | bytes | _Close | object] = asyncio.Queue()
@@ -136,6 +138,7 @@ class Connection:
             pass
         finally:
             self._closed = True
+            self.subscriptions.remove(self)
             if self.runtime.loop is not None:
                 self.runtime.loop.cancel_owner(self)
             self._outbox.put_nowait(_STOP)
@@ -220,8 +223,18 @@ class Connection:
             loop = self.runtime.loop
             if loop is None or not loop.cancel(self, msg.id):
                 self.deliver(error_message("bad_request", f"no open question with id {msg.id!r}", msg.id))
+        elif isinstance(msg, Subscribe):
+            self._subscribe(msg)
         else:
             self.deliver(error_message("bad_request", f"'{msg.type}' is not supported by this server yet"))
+
+    def _subscribe(self, msg: Subscribe) -> None:
+        capture = self.runtime.captures.get(msg.stream)
+        if capture is None:
+            self.deliver(error_message("unknown_stream", f"no stream named {msg.stream!r}"))
+            return
+        self.subscriptions.add(msg.stream, self)
+        self.deliver(stream_status_message(capture.status()))
 
     def _ask(self, msg: Ask) -> None:
         loop = self.runtime.loop

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamer import __version__
-from streamer.capture import CaptureThread
+from streamer.capture import CaptureThread, StreamStatus
 from streamer.config import Settings
 from streamer.inference.engine import Engine
 from streamer.inference.scheduler import InferenceLoop, StreamFeed
@@ -23,7 +23,10 @@ class Runtime:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.version = __version__
-        self.captures: dict[str, CaptureThread] = {s.name: CaptureThread(s) for s in settings.sources}
+        self._status_listeners: list[Callable[[StreamStatus], None]] = []
+        self.captures: dict[str, CaptureThread] = {
+            s.name: CaptureThread(s, on_status=self._status_changed) for s in settings.sources
+        }
         self.engine = engine
         self.loop: InferenceLoop | None = None
         self.started_at = time.time()
@@ -53,26 +56,50 @@ class Runtime:
         for capture in self.captures.values():
             capture.stop()
 
+    def add_status_listener(self, listener: Callable[[StreamStatus], None]) -> None:
+        """Call ``listener`` (on a capture thread; it must return at once) on status changes."""
+        self._status_listeners.append(listener)
+
+    def _status_changed(self, status: StreamStatus) -> None:
+        for listener in list(self._status_listeners):
+            listener(status)
+
     def stream_objects(self) -> list[dict[str, Any]]:
-        """PROTOCOL.md stream objects (plus the ``last_seq`` extension)."""
-        out = []
-        for name, capture in self.captures.items():
-            st = capture.status()
-            out.append(
-                {
-                    "id": name,
-                    "name": name,
-                    "status": st.status,
-                    "width": st.width,
-                    "height": st.height,
-                    "fps_in": st.fps_in,
-                    "fps_sampled": st.fps_sampled,
-                    "frames_buffered": st.frames_buffered,
-                    "last_seq": st.last_seq,
-                }
-            )
-        return out
+        """PROTOCOL.md stream objects of every stream, in config order."""
+        return [stream_object(c.status()) for c in self.captures.values()]
 
     def model_info(self) -> dict[str, Any]:
         engine = self.engine
         return {"id": self.settings.model.id, "note": engine.note if engine else None}
+
+
+def stream_object(st: StreamStatus) -> dict[str, Any]:
+    """A PROTOCOL.md stream object, plus the documented extensions."""
+    return {
+        "id": st.name,
+        "name": st.name,
+        "status": st.status,
+        "width": st.width,
+        "height": st.height,
+        "fps_in": st.fps_in,
+        "fps_sampled": st.fps_sampled,
+        "frames_buffered": st.frames_buffered,
+        "last_seq": st.last_seq,
+        "frames_dropped": st.frames_dropped,
+        "reconnects": st.reconnects,
+        "error": st.error,
+    }
+
+
+def stream_status_message(st: StreamStatus) -> dict[str, Any]:
+    """A PROTOCOL.md ``stream_status`` message (``error`` only when there is one)."""
+    return {
+        "type": "stream_status",
+        "stream": st.name,
+        "status": st.status,
+        "fps_in": st.fps_in,
+        "fps_sampled": st.fps_sampled,
+        "error": st.error,
+        "frames_dropped": st.frames_dropped,
+        "reconnects": st.reconnects,
+    }
