@@ -89,7 +89,9 @@ def pyav_decode_all(path: Path, sample_fps: float) -> int:
 
 
 def streamer_capture(path: Path, sample_fps: float) -> int:
-    cfg = SourceConfig(name="bench", url=str(path), sample_fps=sample_fps, realtime=False, loop=False, max_side=MAX_SIDE)
+    cfg = SourceConfig(
+        name="bench", url=str(path), sample_fps=sample_fps, realtime=False, loop=False, max_side=MAX_SIDE
+    )
     capture = CaptureThread(cfg)
     capture.start()
     while capture.is_alive():
@@ -110,7 +112,9 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, help="use this file instead of the generated 1080p30 clip")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each path (best is reported)")
     args = parser.parse_args()
-    clip = args.clip or make_clip(Path(tempfile.gettempdir()) / f"streamer-bench-1080p30-{args.seconds}s-v2.mp4", args.seconds)
+    clip = args.clip or make_clip(
+        Path(tempfile.gettempdir()) / f"streamer-bench-1080p30-{args.seconds}s-v2.mp4", args.seconds
+    )
     with av.open(str(clip)) as c:
         s = c.streams.video[0]
         duration = float(s.frames / s.average_rate) if s.frames else float(c.duration / 1e6)
@@ -126,7 +130,8 @@ def main() -> None:
         per = cpu / duration
         print(f"{name:<10} {per:>14.3f} {wall:>8.2f} {kept:>6} {per / base:>8.2f}x")
     ratio = (rows["streamer"][0] / duration) / base
-    print(f"streamer_cpu_per_video_s={rows['streamer'][0] / duration:.3f} naive_cpu_per_video_s={base:.3f} ratio={ratio:.2f}")
+    ours = rows["streamer"][0] / duration
+    print(f"streamer_cpu_per_video_s={ours:.3f} naive_cpu_per_video_s={base:.3f} ratio={ratio:.2f}")
 
 
 if __name__ == "__main__":
