@@ -65,6 +65,7 @@ class SourceConfig(_Strict):
     sample_fps: float = Field(default=2.0, gt=0, le=60, description="frames kept per second of video")
     max_side: int = Field(default=640, ge=56, le=4096, description="longer side of kept frames, pixels")
     buffer_frames: int = Field(default=64, ge=2, le=4096, description="ring buffer capacity")
+    mode: Literal["video", "image"] | None = Field(default=None, description="questions' input; None: model.mode")
     loop: bool = Field(default=True, description="files: start again at the end")
     realtime: bool = Field(default=True, description="files and demo: pace reading at the video's own speed")
     transport: Literal["tcp", "udp"] = Field(default="tcp", description="rtsp: RTP transport")
@@ -114,6 +115,23 @@ class ModelConfig(_Strict):
     max_pixels: int = Field(default=768 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel cap")
     max_new_tokens: int = Field(default=128, ge=1, le=1024)
     system_prompt: str | None = None
+    mode: Literal["video", "image"] = Field(default="video", description="default input: newest frames or newest frame")
+    do_sample: bool = Field(default=False, description="sample instead of greedy decoding")
+    temperature: float | None = Field(default=None, gt=0, le=10)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Settings for ``generate``; unset ones keep the model's own defaults."""
+        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
+        if self.do_sample:
+            for name in ("temperature", "top_p", "top_k"):
+                if getattr(self, name) is not None:
+                    kwargs[name] = getattr(self, name)
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:

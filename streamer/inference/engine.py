@@ -30,6 +30,8 @@ class GenerationRequest:
     question: str
     max_new_tokens: int
     sample_fps: float
+    #: "video": the frames as one video; "image": the last frame as an image.
+    mode: str = "video"
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,12 @@ class TransformersEngine(Engine):
             min_pixels=self.cfg.min_pixels,
             max_pixels=self.cfg.max_pixels,
             system_prompt=self.cfg.system_prompt,
+            mode=request.mode,
         )
         inputs = inputs.to(self.loaded.device)
-        if "pixel_values_videos" in inputs:
-            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.loaded.dtype)
+        for key in ("pixel_values_videos", "pixel_values"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(self.loaded.dtype)
         return inputs
 
     def generate(
@@ -165,8 +169,8 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             self.loaded.model.generate(
                 **inputs,
+                **self.cfg.generation_kwargs(),
                 max_new_tokens=request.max_new_tokens,
-                do_sample=False,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stop]),
             )

@@ -1,18 +1,24 @@
-"""The inference loop: one thread, one model, a bounded queue of questions.
+"""The inference loop: one thread, one model, a bounded queue of questions, standing watches.
 
 Guarantees:
 
 - every submitted :class:`Question` ends with exactly one call of its sink's ``on_answer``
-  or ``on_error`` (after cancel, supersede, shutdown or an exception alike);
+  or ``on_error`` (after cancel, supersede, shutdown or an exception alike); every
+  :class:`Watch` ends with exactly one ``on_watch_end``;
 - a question is answered from the newest frames of its stream at the moment its
   inference starts;
 - a new question from the same owner about the same stream supersedes that owner's
   questions that have not started yet;
+- people go first: a waiting ask always runs before a waiting watch round; within each
+  class the stream served least recently goes next, and within a stream the owner served
+  least recently, so a flood on one stream or from one client starves nobody;
+- a watch has at most one round waiting or running: a round that falls due meanwhile is
+  skipped and counted;
 - the loop never waits on a sink: sinks must return at once (the server hands results to
   its event loop with ``call_soon_threadsafe``).
 
 Sink callbacks run on the inference thread, except ``on_accepted`` and the errors that
-``submit``/``cancel`` cause, which run on the caller's thread.
+``submit``/``cancel``/``stop`` cause, which run on the caller's thread.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Hashable, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 ErrorCode = Literal[
     "unknown_stream", "stream_unavailable", "busy", "cancelled", "superseded", "internal", "shutting_down"
 ]
+Mode = Literal["video", "image"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class Answer:
     queued_ms: float
     first_token_ms: float | None
     total_ms: float
+    token_ids: tuple[int, ...] = ()
+    #: For a watch round: the ``alert_contains`` text when the answer contains it.
+    matched: str | None = None
 
 
 class AnswerSink(Protocol):
@@ -68,6 +78,13 @@ class AnswerSink(Protocol):
     def on_error(self, question: Question, code: ErrorCode, message: str) -> None: ...
 
 
+class WatchSink(AnswerSink, Protocol):
+    """An :class:`AnswerSink` for a watch's rounds (``question.watch`` is set), plus its end."""
+
+    def on_watch_accepted(self, watch: Watch, position: int) -> None: ...
+    def on_watch_end(self, watch: Watch, code: ErrorCode, message: str) -> None: ...
+
+
 @dataclass(eq=False)
 class Question:
     id: str
@@ -77,11 +94,40 @@ class Question:
     sink: AnswerSink
     frames: int
     max_new_tokens: int
+    mode: Mode = "video"
     received_at: float = field(default_factory=time.monotonic)
     #: Newest frame of the stream when the question arrived (the answer uses this or newer).
     received_seq: int | None = None
+    #: The standing question this is a round of, or None for a person's ask.
+    watch: Watch | None = None
     _stop_code: ErrorCode | None = None
     _finished: bool = False
+
+
+@dataclass(eq=False)
+class Watch:
+    """A standing question, asked again every ``every_s`` seconds on fresh frames."""
+
+    id: str
+    stream: str
+    text: str
+    owner: Hashable
+    sink: WatchSink
+    every_s: float
+    frames: int
+    max_new_tokens: int
+    mode: Mode = "video"
+    alert_contains: str | None = None
+    next_due: float = field(default_factory=time.monotonic)
+    rounds: int = 0
+    skipped: int = 0
+    _pending: Question | None = None
+    _ended: bool = False
+
+    def matches(self, text: str) -> str | None:
+        if self.alert_contains and self.alert_contains.casefold() in text.casefold():
+            return self.alert_contains
+        return None
 
 
 @dataclass(frozen=True)
@@ -113,15 +159,72 @@ def window_of(ring: RingBuffer, n: int) -> list[Frame]:
     return frames[start:]
 
 
+class FairQueue:
+    """Waiting questions in the order the loop serves them (see the module's guarantees).
+
+    Not thread-safe: the loop guards it with its lock.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[Question] = []
+        self._served_stream: dict[str, int] = {}
+        self._served_owner: dict[tuple[str, Hashable], int] = {}
+        self._tick = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def asks(self) -> int:
+        return sum(1 for q in self.items if q.watch is None)
+
+    def append(self, q: Question) -> None:
+        self.items.append(q)
+
+    def remove(self, q: Question) -> None:
+        self.items.remove(q)
+
+    def _rank(self, q: Question, served_stream: dict, served_owner: dict) -> tuple:
+        return (
+            q.watch is not None,  # people first
+            served_stream.get(q.stream, -1),  # then the stream served least recently
+            served_owner.get((q.stream, q.owner), -1),  # then the owner served least recently
+        )  # min() keeps arrival order among equals
+
+    def pop(self) -> Question:
+        q = min(self.items, key=lambda x: self._rank(x, self._served_stream, self._served_owner))
+        self.items.remove(q)
+        self._tick += 1
+        self._served_stream[q.stream] = self._tick
+        self._served_owner[(q.stream, q.owner)] = self._tick
+        return q
+
+    def position(self, q: Question) -> int:
+        """How many waiting questions go before ``q`` if nothing else arrives."""
+        served_stream, served_owner = dict(self._served_stream), dict(self._served_owner)
+        items, tick = list(self.items), self._tick
+        for ahead in range(len(items)):
+            nxt = min(items, key=lambda x: self._rank(x, served_stream, served_owner))
+            if nxt is q:
+                return ahead
+            items.remove(nxt)
+            tick += 1
+            served_stream[nxt.stream] = tick
+            served_owner[(nxt.stream, nxt.owner)] = tick
+        return len(items)
+
+
 class InferenceLoop:
     def __init__(self, engine: Engine, streams: Mapping[str, StreamFeed], *, queue_size: int) -> None:
         self.engine = engine
         self.streams = dict(streams)
         self.queue_size = queue_size
-        self._queue: deque[Question] = deque()
+        self._queue = FairQueue()
+        self._watches: list[Watch] = []
         self._running: Question | None = None
         self._lock = threading.Condition(threading.Lock())
         self._stopping = False
+        #: How questions ended, by outcome ("answer" or an error code); watch rounds included.
+        self.outcomes: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -130,45 +233,48 @@ class InferenceLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new questions, end queued ones with ``shutting_down``, stop the running one."""
+        """Refuse new questions, end queued ones and watches with ``shutting_down``, stop
+        the running one, and wait for the thread."""
         with self._lock:
             self._stopping = True
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = list(self._queue.items)
+            self._queue.items.clear()
+            watches, self._watches = self._watches, []
             if self._running is not None and self._running._stop_code is None:
                 self._running._stop_code = "shutting_down"
             self._lock.notify_all()
+        for w in watches:
+            self._end_watch(w, "shutting_down", "the server is shutting down")
         for q in queued:
             self._fail(q, "shutting_down", "the server is shutting down")
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def submit(self, q: Question) -> int:
-        """Queue ``q`` and return its position (0 = runs now). Raises :class:`Rejected`."""
-        feed = self.streams.get(q.stream)
-        if feed is None:
-            self._reject(q, "unknown_stream", f"no stream named {q.stream!r}")
-        assert feed is not None
+        """Queue a person's ``q`` and return its position (0 = runs now). Raises :class:`Rejected`."""
+        feed = self._feed_for(q.stream, lambda code, msg: self._reject(q, code, msg))
         q.received_seq = feed.ring.newest_seq
         if q.received_seq is None:
             self._reject(q, "stream_unavailable", f"stream {q.stream!r} has no frames yet")
         superseded: list[Question] = []
+        reject: tuple[ErrorCode, str] | None = None
         position = 0
         with self._lock:
             if self._stopping:
-                reject: tuple[ErrorCode, str] | None = ("shutting_down", "the server is shutting down")
+                reject = ("shutting_down", "the server is shutting down")
             else:
-                superseded = [p for p in self._queue if p.owner == q.owner and p.stream == q.stream]
+                superseded = [
+                    p for p in self._queue.items if p.watch is None and p.owner == q.owner and p.stream == q.stream
+                ]
                 for p in superseded:
                     self._queue.remove(p)
-                if len(self._queue) >= self.queue_size:
+                if self._queue.asks() >= self.queue_size:
                     reject = ("busy", f"the question queue is full ({self.queue_size}); try again shortly")
                 else:
-                    reject = None
-                    position = len(self._queue) + (1 if self._running is not None else 0)
+                    self._queue.append(q)
+                    position = self._queue.position(q) + (1 if self._running is not None else 0)
                     # Accepted goes out before the worker can pick the question up.
                     q.sink.on_accepted(q, position)
-                    self._queue.append(q)
                     self._lock.notify_all()
         for p in superseded:
             self._fail(p, "superseded", f"superseded by question {q.id!r}")
@@ -176,13 +282,30 @@ class InferenceLoop:
             self._reject(q, *reject)
         return position
 
+    def add_watch(self, w: Watch) -> None:
+        """Start a standing question; its first round is due now. Raises :class:`Rejected`
+        (after ending the watch with the reason)."""
+
+        def refuse(code: ErrorCode, message: str) -> None:
+            self._end_watch(w, code, message)
+            raise Rejected(code, message)
+
+        self._feed_for(w.stream, refuse)
+        with self._lock:
+            if self._stopping:
+                refuse("shutting_down", "the server is shutting down")
+            w.next_due = time.monotonic()
+            self._watches.append(w)
+            w.sink.on_watch_accepted(w, len(self._queue) + (1 if self._running is not None else 0))
+            self._lock.notify_all()
+
     def cancel(self, owner: Hashable, question_id: str) -> bool:
-        """Cancel the owner's queued or running question; False if there was none."""
-        return bool(self._cancel_where(lambda q: q.owner == owner and q.id == question_id))
+        """Cancel the owner's queued or running question, or end its watch; False if none."""
+        return bool(self._cancel_where(lambda owner_, id_: owner_ == owner and id_ == question_id))
 
     def cancel_owner(self, owner: Hashable) -> int:
         """Cancel everything an owner has open (its connection closed)."""
-        return self._cancel_where(lambda q: q.owner == owner)
+        return self._cancel_where(lambda owner_, id_: owner_ == owner)
 
     def depth(self) -> int:
         with self._lock:
@@ -190,45 +313,114 @@ class InferenceLoop:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _cancel_where(self, match) -> int:
+    def _feed_for(self, stream: str, refuse: Callable[[ErrorCode, str], None]) -> StreamFeed:
+        feed = self.streams.get(stream)
+        if feed is None:
+            refuse("unknown_stream", f"no stream named {stream!r}")
+        assert feed is not None
+        return feed
+
+    def _cancel_where(self, match: Callable[[Hashable, str], bool]) -> int:
         with self._lock:
-            queued = [q for q in self._queue if match(q)]
+            queued = [q for q in self._queue.items if q.watch is None and match(q.owner, q.id)]
             for q in queued:
                 self._queue.remove(q)
+            watches = [w for w in self._watches if match(w.owner, w.id)]
+            for w in watches:
+                self._watches.remove(w)
+                if w._pending is not None and w._pending in self._queue.items:
+                    self._queue.remove(w._pending)
             running = self._running
-            hit_running = running is not None and match(running) and running._stop_code is None
+            hit_running = (
+                running is not None
+                and running._stop_code is None
+                and (
+                    (running.watch is None and match(running.owner, running.id))
+                    or (running.watch is not None and running.watch in watches)
+                )
+            )
             if hit_running:
+                assert running is not None
                 running._stop_code = "cancelled"
         for q in queued:
             self._fail(q, "cancelled", "cancelled by the client")
-        return len(queued) + int(hit_running)
+        for w in watches:
+            self._end_watch(w, "cancelled", "cancelled by the client")
+        return len(queued) + len(watches) + int(hit_running and running is not None and running.watch is None)
 
     def _reject(self, q: Question, code: ErrorCode, message: str) -> None:
         self._fail(q, code, message)
         raise Rejected(code, message)
 
-    def _finish_once(self, q: Question) -> bool:
+    def _finish_once(self, q: Question, outcome: str) -> bool:
         with self._lock:
             if q._finished:
                 return False
             q._finished = True
+            self.outcomes[outcome] += 1
+            if q.watch is not None and q.watch._pending is q:
+                q.watch._pending = None
             return True
 
     def _fail(self, q: Question, code: ErrorCode, message: str) -> None:
-        if self._finish_once(q):
+        if self._finish_once(q, code) and not _silenced(q):
             try:
                 q.sink.on_error(q, code, message)
             except Exception:
                 log.exception("sink failed on error for question %s", q.id)
 
+    def _end_watch(self, w: Watch, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            if w._ended:
+                return
+            w._ended = True
+        try:
+            w.sink.on_watch_end(w, code, message)
+        except Exception:
+            log.exception("sink failed ending watch %s", w.id)
+
+    def _enqueue_due_rounds(self, now: float) -> float | None:
+        """Queue the rounds that are due (lock held); the time until the next one is due."""
+        wait: float | None = None
+        for w in self._watches:
+            if now >= w.next_due:
+                if w._pending is not None:
+                    w.skipped += 1  # the last round is still waiting or running: skip this one
+                else:
+                    w.rounds += 1
+                    w._pending = Question(
+                        id=w.id,
+                        stream=w.stream,
+                        text=w.text,
+                        owner=w.owner,
+                        sink=w.sink,
+                        frames=w.frames,
+                        max_new_tokens=w.max_new_tokens,
+                        mode=w.mode,
+                        received_at=now,
+                        received_seq=self.streams[w.stream].ring.newest_seq,
+                        watch=w,
+                    )
+                    self._queue.append(w._pending)
+                # Stay on the grid; after a long stall start again from now.
+                w.next_due += w.every_s
+                if w.next_due <= now:
+                    w.next_due = now + w.every_s
+            until = w.next_due - now
+            wait = until if wait is None else min(wait, until)
+        return wait
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-                q = self._queue.popleft()
+                while True:
+                    if self._stopping:
+                        return
+                    wait = self._enqueue_due_rounds(time.monotonic())
+                    if self._queue:
+                        break
+                    self._lock.wait(wait)
+                q = self._queue.pop()
                 self._running = q
             try:
                 self._answer(q)
@@ -242,7 +434,7 @@ class InferenceLoop:
     def _answer(self, q: Question) -> None:
         started = time.monotonic()
         feed = self.streams[q.stream]
-        frames = window_of(feed.ring, q.frames)
+        frames = window_of(feed.ring, 1 if q.mode == "image" else q.frames)
         if not frames:
             self._fail(q, "stream_unavailable", f"stream {q.stream!r} has no frames")
             return
@@ -251,10 +443,11 @@ class InferenceLoop:
             question=q.text,
             max_new_tokens=q.max_new_tokens,
             sample_fps=feed.sample_fps,
+            mode=q.mode,
         )
 
         def on_text(piece: str) -> None:
-            if q._stop_code is None:
+            if q._stop_code is None and not _silenced(q):
                 q.sink.on_text(q, piece)
 
         result = self.engine.generate(request, on_text, lambda: q._stop_code is not None)
@@ -263,17 +456,23 @@ class InferenceLoop:
             self._fail(q, code, "cancelled by the client" if code == "cancelled" else "the server is shutting down")
             return
         done = time.monotonic()
+        first = result.first_token_at
         answer = Answer(
             text=result.text,
             frames=FrameSpan.of(frames),
             queued_ms=round((started - q.received_at) * 1000, 1),
-            first_token_ms=None
-            if result.first_token_at is None
-            else round((result.first_token_at - q.received_at) * 1000, 1),
+            first_token_ms=None if first is None else round((first - q.received_at) * 1000, 1),
             total_ms=round((done - q.received_at) * 1000, 1),
+            token_ids=tuple(result.token_ids),
+            matched=q.watch.matches(result.text) if q.watch is not None else None,
         )
-        if self._finish_once(q):
+        if self._finish_once(q, "answer") and not _silenced(q):
             q.sink.on_answer(q, answer)
+
+
+def _silenced(q: Question) -> bool:
+    """A round of a watch that has ended says nothing more: the watch's end was the last word."""
+    return q.watch is not None and q.watch._ended
 
 
 def _describe_failure(err: Exception) -> str:

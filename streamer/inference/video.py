@@ -68,16 +68,25 @@ def video_tensor(frames: Sequence[np.ndarray], *, min_pixels: int, max_pixels: i
     return clip.float()
 
 
-def chat_messages(question: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """The conversation for one question about one video.
+def image_of(rgb: np.ndarray, *, min_pixels: int, max_pixels: int) -> Image.Image:
+    """One frame as the image input, resized like ``qwen_vl_utils.fetch_image`` (multiples of 28)."""
+    h, w = qvu.smart_resize(
+        rgb.shape[0], rgb.shape[1], factor=VIDEO_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    image = Image.fromarray(rgb)
+    return image if (h, w) == rgb.shape[:2] else image.resize((w, h), Image.Resampling.BICUBIC)
 
-    The video comes before the question, so every question about the same window shares
-    the prompt prefix up to ``<|vision_end|>``.
+
+def chat_messages(question: str, system_prompt: str | None = None, mode: str = "video") -> list[dict[str, Any]]:
+    """The conversation for one question about one video (or, in image mode, one image).
+
+    The visual input comes before the question, so every question about the same window
+    shares the prompt prefix up to ``<|vision_end|>``.
     """
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
+    messages.append({"role": "user", "content": [{"type": mode}, {"type": "text", "text": question}]})
     return messages
 
 
@@ -90,17 +99,22 @@ def processor_inputs(
     min_pixels: int,
     max_pixels: int,
     system_prompt: str | None = None,
+    mode: str = "video",
 ) -> Any:
-    """Tokenised prompt plus video tensors (a ``BatchFeature``) for one question."""
-    prompt = processor.apply_chat_template(
-        chat_messages(question, system_prompt), add_generation_prompt=True, tokenize=False
-    )
+    """Tokenised prompt plus the video (or, in image mode, the last frame as an image) as a
+    ``BatchFeature`` for one question."""
+    messages = chat_messages(question, system_prompt, mode)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    if mode == "image":
+        image = image_of(frames[-1], min_pixels=min_pixels, max_pixels=max_pixels)
+        return processor(text=[prompt], images=[image], size=size, return_tensors="pt")
     video = video_tensor(frames, min_pixels=min_pixels, max_pixels=max_pixels)
     return processor(
         text=[prompt],
         videos=[video],
         fps=sample_fps,
         do_sample_frames=False,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        size=size,
         return_tensors="pt",
     )

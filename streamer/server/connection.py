@@ -16,7 +16,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from streamer.inference.scheduler import Answer, ErrorCode, Question, Rejected
+from streamer.inference.scheduler import Answer, ErrorCode, Mode, Question, Rejected, Watch
+from streamer.server import protocol
 from streamer.server.protocol import (
     PROTOCOL_VERSION,
     Ask,
@@ -24,7 +25,6 @@ from streamer.server.protocol import (
     Hello,
     ProtocolError,
     Subscribe,
-    Watch,
     encode,
     error_message,
     parse_client_message,
@@ -47,7 +47,7 @@ class _Close:
 
 
 class _QuestionSink:
-    """Hands a question's progress from the inference thread to the connection's loop."""
+    """Hands progress of asks and watches from the inference thread to the connection's loop."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -61,28 +61,50 @@ class _QuestionSink:
     def on_accepted(self, q: Question, position: int) -> None:
         self._post({"type": "accepted", "id": q.id, "position": position})
 
+    def on_watch_accepted(self, w: Watch, position: int) -> None:
+        self._post({"type": "accepted", "id": w.id, "position": position})
+
     def on_text(self, q: Question, text: str) -> None:
         self._post({"type": "token", "id": q.id, "text": text})
 
     def on_answer(self, q: Question, answer: Answer) -> None:
+        frames = asdict(answer.frames)
         self._post(
             {
                 "type": "answer",
                 "id": q.id,
                 "text": answer.text,
                 "stream": q.stream,
-                "frames": asdict(answer.frames),
+                "frames": frames,
                 "timings": {
                     "queued_ms": answer.queued_ms,
                     "first_token_ms": answer.first_token_ms,
                     "total_ms": answer.total_ms,
                 },
+                "watch": True if q.watch is not None else None,
             },
-            final_id=q.id,
+            final_id=None if q.watch is not None else q.id,
         )
+        if answer.matched is not None:
+            self._post(
+                {
+                    "type": "alert",
+                    "id": q.id,
+                    "text": answer.text,
+                    "stream": q.stream,
+                    "frames": frames,
+                    "matched": answer.matched,
+                }
+            )
 
     def on_error(self, q: Question, code: ErrorCode, message: str) -> None:
-        self._post(error_message(code, message, q.id), final_id=q.id)
+        if q.watch is not None:  # one round failed; the watch goes on
+            self._post({**error_message(code, message, q.id), "watch": True})
+        else:
+            self._post(error_message(code, message, q.id), final_id=q.id)
+
+    def on_watch_end(self, w: Watch, code: ErrorCode, message: str) -> None:
+        self._post(error_message(code, message, w.id), final_id=w.id)
 
 
 class Connection:
@@ -214,7 +236,7 @@ class Connection:
                 continue
             self._handle(msg)
 
-    def _handle(self, msg: Hello | Ask | Cancel | Watch | Subscribe) -> None:
+    def _handle(self, msg: Hello | Ask | Cancel | protocol.Watch | Subscribe) -> None:
         if isinstance(msg, Hello):
             self._welcome()
         elif isinstance(msg, Ask):
@@ -226,7 +248,7 @@ class Connection:
         elif isinstance(msg, Subscribe):
             self._subscribe(msg)
         else:
-            self.deliver(error_message("bad_request", f"'{msg.type}' is not supported by this server yet"))
+            self._watch(msg)
 
     def _subscribe(self, msg: Subscribe) -> None:
         capture = self.runtime.captures.get(msg.stream)
@@ -236,13 +258,23 @@ class Connection:
         self.subscriptions.add(msg.stream, self)
         self.deliver(stream_status_message(capture.status()))
 
+    def _can_open(self, qid: str) -> bool:
+        if self.runtime.loop is None:
+            self.deliver(error_message("shutting_down", "the server is not serving questions", qid))
+            return False
+        if qid in self._open_ids:
+            self.deliver(error_message("duplicate_id", f"question {qid!r} is still open", qid))
+            return False
+        self._open_ids.add(qid)
+        return True
+
+    def _mode(self, stream: str, asked: Mode | None) -> Mode:
+        """The input mode: the question's own, else its stream's, else the model's default."""
+        source = self.runtime.settings.source(stream)
+        return asked or (source.mode if source is not None else None) or self.runtime.settings.model.mode
+
     def _ask(self, msg: Ask) -> None:
-        loop = self.runtime.loop
-        if loop is None:
-            self.deliver(error_message("shutting_down", "the server is not serving questions", msg.id))
-            return
-        if msg.id in self._open_ids:
-            self.deliver(error_message("duplicate_id", f"question {msg.id!r} is still open", msg.id))
+        if not self._can_open(msg.id):
             return
         model = self.runtime.settings.model
         question = Question(
@@ -253,12 +285,33 @@ class Connection:
             sink=self._sink,
             frames=msg.frames or model.frames,
             max_new_tokens=msg.max_new_tokens or model.max_new_tokens,
+            mode=self._mode(msg.stream, msg.mode),
         )
-        self._open_ids.add(msg.id)
         try:
-            loop.submit(question)
+            self.runtime.loop.submit(question)  # type: ignore[union-attr]
         except Rejected as err:
             log.info("connection %d: question %s refused: %s", self.id, msg.id, err.code)
+
+    def _watch(self, msg: protocol.Watch) -> None:
+        if not self._can_open(msg.id):
+            return
+        model = self.runtime.settings.model
+        watch = Watch(
+            id=msg.id,
+            stream=msg.stream,
+            text=msg.question,
+            owner=self,
+            sink=self._sink,
+            every_s=msg.every_s,
+            frames=msg.frames or model.frames,
+            max_new_tokens=msg.max_new_tokens or model.max_new_tokens,
+            mode=self._mode(msg.stream, msg.mode),
+            alert_contains=msg.alert_if.contains if msg.alert_if else None,
+        )
+        try:
+            self.runtime.loop.add_watch(watch)  # type: ignore[union-attr]
+        except Rejected as err:
+            log.info("connection %d: watch %s refused: %s", self.id, msg.id, err.code)
 
 
 def _peer(ws: WebSocket) -> str:

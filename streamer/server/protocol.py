@@ -4,8 +4,7 @@ Client messages are validated strictly (a string where a number belongs is an er
 coerced); unknown extra fields are ignored so newer clients keep working. Server messages
 are built with :func:`encode`, which drops optional fields that are unset.
 
-Extensions to version 1 (compatible; documented in ``docs/protocol-extensions.md``):
-``welcome.model`` (``{"id", "note"}``) and ``last_seq`` in stream objects.
+Extensions to version 1 (compatible) are documented in ``docs/protocol-extensions.md``.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ class Ask(_ClientMessage):
     question: QuestionText
     frames: Annotated[int, Field(ge=2, le=64)] | None = None
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] | None = None
+    mode: Literal["video", "image"] | None = None  # extension
 
 
 class Cancel(_ClientMessage):
@@ -68,6 +68,9 @@ class Watch(_ClientMessage):
     question: QuestionText
     every_s: Annotated[float, Field(ge=1)]
     alert_if: AlertIf | None = None
+    frames: Annotated[int, Field(ge=2, le=64)] | None = None  # extension, as in ask
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024)] | None = None  # extension
+    mode: Literal["video", "image"] | None = None  # extension
 
 
 class Subscribe(_ClientMessage):
