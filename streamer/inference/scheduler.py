@@ -225,6 +225,8 @@ class InferenceLoop:
         self._stopping = False
         #: How questions ended, by outcome ("answer" or an error code); watch rounds included.
         self.outcomes: Counter[str] = Counter()
+        #: Questions handed to :meth:`submit` (each ends in exactly one outcome).
+        self.submitted = 0
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -252,6 +254,8 @@ class InferenceLoop:
 
     def submit(self, q: Question) -> int:
         """Queue a person's ``q`` and return its position (0 = runs now). Raises :class:`Rejected`."""
+        with self._lock:
+            self.submitted += 1
         feed = self._feed_for(q.stream, lambda code, msg: self._reject(q, code, msg))
         q.received_seq = feed.ring.newest_seq
         if q.received_seq is None:
