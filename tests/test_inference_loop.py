@@ -192,3 +192,44 @@ def test_random_mix_of_asks_and_cancels_ends_each_question_exactly_once(engine: 
     assert all(len(v) == 1 for v in finals.values()), finals
     outcomes = {v[0] for v in finals.values()}
     assert "answer" in outcomes and outcomes <= {"answer", "cancelled", "superseded", "busy"}
+
+
+class WatchRecorder(RecordingSink):
+    def on_watch_accepted(self, w, position: int) -> None:
+        self._add("watch_accepted", w, position)
+
+    def on_watch_end(self, w, code: str, message: str) -> None:
+        self._add("watch_end", w, code)
+
+
+def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: TransformersEngine) -> None:
+    from streamer.inference.scheduler import Watch
+
+    class SlowFirst:
+        note = None
+        model_id = "x"
+        calls = 0
+
+        def generate(self, request, on_text, should_stop):
+            SlowFirst.calls += 1
+            if SlowFirst.calls == 1:
+                time.sleep(2.0)
+            return engine.generate(request, on_text, should_stop)
+
+    loop = InferenceLoop(SlowFirst(), {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=4)  # type: ignore[arg-type]
+    sink = WatchRecorder()
+    watch = Watch(id="w", stream="s", text="?", owner="o", sink=sink, every_s=0.25, frames=2, max_new_tokens=1)
+    loop.start()
+    try:
+        loop.add_watch(watch)
+        time.sleep(2.6)
+        pending_depth = loop.depth()
+    finally:
+        loop.stop()
+    assert pending_depth <= 1  # one round at most waits while one runs
+    assert watch.skipped >= 4  # 2 s blocked at 4 rounds/s: most were skipped, and counted
+    assert watch.rounds >= 2
+    kinds = [k for k, _, _ in sink.events]
+    assert kinds[0] == "watch_accepted" and kinds[-1] == "watch_end"
+    assert sink.events[-1][2] == "shutting_down"
+    assert kinds.count("watch_end") == 1

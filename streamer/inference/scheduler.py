@@ -388,9 +388,14 @@ class InferenceLoop:
         wait: float | None = None
         for w in self._watches:
             if now >= w.next_due:
+                # Every round that fell due since the last look: one runs, the rest are
+                # skipped (the loop was busy, or the last round is still waiting or running).
+                due = int((now - w.next_due) // w.every_s) + 1
+                w.next_due += due * w.every_s  # stay on the grid
                 if w._pending is not None:
-                    w.skipped += 1  # the last round is still waiting or running: skip this one
+                    w.skipped += due
                 else:
+                    w.skipped += due - 1
                     w.rounds += 1
                     w._pending = Question(
                         id=w.id,
@@ -406,10 +411,6 @@ class InferenceLoop:
                         watch=w,
                     )
                     self._queue.append(w._pending)
-                # Stay on the grid; after a long stall start again from now.
-                w.next_due += w.every_s
-                if w.next_due <= now:
-                    w.next_due = now + w.every_s
             until = w.next_due - now
             wait = until if wait is None else min(wait, until)
         return wait
