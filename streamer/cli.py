@@ -33,7 +33,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="HUB_ID_OR_PATH", help="model to load (hub id, local folder, or 'tiny-random')")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8765; 0 picks a free one)")
-    p.add_argument("--token", action="append", metavar="TOKEN", help="require this access token (repeatable)")
+    p.add_argument(
+        "--token", action="append", metavar="TOKEN", help="require this access token (repeatable; or STREAMER_TOKENS=a,b)"
+    )
+    p.add_argument(
+        "--allowed-origin", action="append", metavar="ORIGIN", help="browser Origin allowed to connect (repeatable)"
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="certificate: serve wss:// and https://")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -73,6 +81,10 @@ def settings_from_args(args: argparse.Namespace, base: dict[str, Any] | None) ->
         host=args.host,
         port=args.port,
         tokens=args.token,
+        allowed_origins=args.allowed_origin,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        log_json=args.log_json,
         origin=origin,
     )
 

@@ -148,7 +148,30 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
     tokens: list[SecretStr] = Field(default_factory=list, description="access tokens; empty = no auth")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser Origins allowed to connect; empty = any (non-browser clients send none)"
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM certificate: serve wss:// and https://")
+    tls_key: Path | None = Field(default=None, description="PEM private key for tls_cert")
     queue_size: int = Field(default=32, ge=1, le=10_000, description="questions waiting at most")
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest client message")
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
+    max_open_per_connection: int = Field(default=8, ge=1, le=1000, description="asks and watches open at once")
+    asks_per_minute: int = Field(default=60, ge=1, le=100_000, description="per connection; more get rate_limited")
+    outbox_messages: int = Field(default=1000, ge=10, le=1_000_000, description="queued to a client before it is cut off")
+    ping_interval_s: float = Field(default=20.0, gt=0, description="keepalive ping; a peer silent past the timeout is dropped")
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    shutdown_deadline_s: float = Field(default=10.0, gt=0, le=600, description="time to finish open answers on SIGTERM")
+    log_json: bool = Field(default=False, description="log one JSON object per line")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} does not exist")
+        return self
 
     @field_validator("tokens")
     @classmethod
@@ -228,13 +251,21 @@ def apply_overrides(
     host: str | None = None,
     port: int | None = None,
     tokens: list[str] | None = None,
+    allowed_origins: list[str] | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    log_json: bool | None = None,
     origin: str = "config",
 ) -> Settings:
     """Apply command-line flags on top of a config mapping and validate the result.
 
-    ``--source`` flags replace a source of the same name or add a new one; ``--token``
-    flags are added to the configured tokens.
+    ``--source`` flags replace a source of the same name or add a new one; ``--token`` and
+    ``--allowed-origin`` flags are added to the configured ones. Tokens in the
+    ``STREAMER_TOKENS`` environment variable (comma-separated) are added too, so they need
+    not appear on a command line.
     """
+    env_tokens = [t.strip() for t in os.environ.get("STREAMER_TOKENS", "").split(",") if t.strip()]
+    tokens = [*(tokens or []), *env_tokens]
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     if sources:
         current = [dict(s) if isinstance(s, dict) else s for s in merged.get("sources") or []]
@@ -257,6 +288,14 @@ def apply_overrides(
         server["port"] = port
     if tokens:
         server["tokens"] = list(server.get("tokens") or []) + list(tokens)
+    if allowed_origins:
+        server["allowed_origins"] = list(server.get("allowed_origins") or []) + list(allowed_origins)
+    if tls_cert is not None:
+        server["tls_cert"] = tls_cert
+    if tls_key is not None:
+        server["tls_key"] = tls_key
+    if log_json:
+        server["log_json"] = True
     if server:
         merged["server"] = server
     return parse_settings(merged, origin=origin)

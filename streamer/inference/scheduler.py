@@ -227,6 +227,7 @@ class InferenceLoop:
         self.outcomes: Counter[str] = Counter()
         #: Questions handed to :meth:`submit` (each ends in exactly one outcome).
         self.submitted = 0
+        self._skipped_rounds = 0
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -315,6 +316,11 @@ class InferenceLoop:
         with self._lock:
             return len(self._queue)
 
+    def skipped_rounds(self) -> int:
+        """Watch rounds skipped so far because the watch's last round was still open."""
+        with self._lock:
+            return self._skipped_rounds
+
     # -- internals -----------------------------------------------------------------------
 
     def _feed_for(self, stream: str, refuse: Callable[[ErrorCode, str], None]) -> StreamFeed:
@@ -392,10 +398,10 @@ class InferenceLoop:
                 # skipped (the loop was busy, or the last round is still waiting or running).
                 due = int((now - w.next_due) // w.every_s) + 1
                 w.next_due += due * w.every_s  # stay on the grid
-                if w._pending is not None:
-                    w.skipped += due
-                else:
-                    w.skipped += due - 1
+                skipped = due if w._pending is not None else due - 1
+                w.skipped += skipped
+                self._skipped_rounds += skipped
+                if w._pending is None:
                     w.rounds += 1
                     w._pending = Question(
                         id=w.id,

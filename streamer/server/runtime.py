@@ -68,6 +68,21 @@ class Runtime:
         """PROTOCOL.md stream objects of every stream, in config order."""
         return [stream_object(c.status()) for c in self.captures.values()]
 
+    def model_memory(self) -> dict[str, int]:
+        """Bytes held by the model: its weights, and on CUDA what the allocator holds."""
+        loaded = getattr(self.engine, "loaded", None)
+        if loaded is None:
+            return {}
+        import torch
+
+        model = loaded.model
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        out = {"weights": weights}
+        if loaded.device.type == "cuda":
+            out["cuda_allocated"] = torch.cuda.memory_allocated(loaded.device)
+            out["cuda_reserved"] = torch.cuda.memory_reserved(loaded.device)
+        return out
+
     def model_info(self) -> dict[str, Any]:
         engine = self.engine
         return {"id": self.settings.model.id, "note": engine.note if engine else None}

@@ -1,0 +1,79 @@
+"""Prometheus metrics (``GET /metrics``) through prometheus-client.
+
+Each app has its own registry, so several servers can live in one process (tests). Stream
+and queue figures are read when scraped, not pushed; counters of questions and latencies
+are recorded as answers go out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from streamer.server.runtime import Runtime
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class _RuntimeCollector(Collector):
+    """Figures read from the capture threads, the inference loop and the model at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = [c.status() for c in self.runtime.captures.values()]
+        frames_in = CounterMetricFamily("streamer_frames_in", "Input frames read per stream", labels=["stream"])
+        sampled = CounterMetricFamily("streamer_frames_sampled", "Frames kept in the ring buffer", labels=["stream"])
+        dropped = CounterMetricFamily("streamer_frames_dropped", "Input frames not kept (sampling)", labels=["stream"])
+        reconnects = CounterMetricFamily("streamer_reconnects", "Times a source was reopened", labels=["stream"])
+        up = GaugeMetricFamily("streamer_stream_up", "1 when the stream is live", labels=["stream"])
+        buffered = GaugeMetricFamily("streamer_frames_buffered", "Frames held in the ring buffer", labels=["stream"])
+        fps = GaugeMetricFamily("streamer_fps", "Frame rates", labels=["stream", "kind"])
+        for st in statuses:
+            frames_in.add_metric([st.name], st.frames_in)
+            sampled.add_metric([st.name], st.frames_sampled)
+            dropped.add_metric([st.name], st.frames_dropped)
+            reconnects.add_metric([st.name], st.reconnects)
+            up.add_metric([st.name], 1.0 if st.status == "live" else 0.0)
+            buffered.add_metric([st.name], st.frames_buffered)
+            fps.add_metric([st.name, "in"], st.fps_in)
+            fps.add_metric([st.name, "sampled"], st.fps_sampled)
+        yield from (frames_in, sampled, dropped, reconnects, up, buffered, fps)
+
+        loop = self.runtime.loop
+        depth = GaugeMetricFamily("streamer_queue_depth", "Questions waiting for the model")
+        depth.add_metric([], loop.depth() if loop else 0)
+        yield depth
+        skipped = CounterMetricFamily("streamer_watch_rounds_skipped", "Watch rounds skipped: the last was still open")
+        skipped.add_metric([], loop.skipped_rounds() if loop else 0)
+        yield skipped
+
+        memory = GaugeMetricFamily("streamer_model_memory_bytes", "Memory held by the model", labels=["kind"])
+        for kind, value in self.runtime.model_memory().items():
+            memory.add_metric([kind], value)
+        yield memory
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("streamer_connections", "Open WebSocket connections", registry=r)
+        self.connections_total = Counter("streamer_connections", "WebSocket connections accepted", registry=r)
+        self.refused = Counter("streamer_connections_refused", "Connections refused", ["reason"], registry=r)
+        self.questions = Counter("streamer_questions", "Questions ended, by outcome", ["kind", "outcome"], registry=r)
+        self.ttft = Histogram(
+            "streamer_time_to_first_token_seconds", "From receipt to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.total = Histogram(
+            "streamer_answer_seconds", "From receipt to the final answer", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.dropped = Counter("streamer_messages_dropped", "Messages dropped for slow clients", ["type"], registry=r)
+        self.slow_disconnects = Counter(
+            "streamer_slow_client_disconnects", "Clients cut off for not reading", registry=r
+        )
+        r.register(_RuntimeCollector(runtime))
