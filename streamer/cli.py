@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, uvicorn) happen inside the commands that nee
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -34,7 +35,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8765; 0 picks a free one)")
     p.add_argument(
-        "--token", action="append", metavar="TOKEN", help="require this access token (repeatable; or STREAMER_TOKENS=a,b)"
+        "--token",
+        action="append",
+        metavar="TOKEN",
+        help="require this access token (repeatable; or STREAMER_TOKENS=a,b)",
     )
     p.add_argument(
         "--allowed-origin", action="append", metavar="ORIGIN", help="browser Origin allowed to connect (repeatable)"
@@ -90,7 +94,8 @@ def settings_from_args(args: argparse.Namespace, base: dict[str, Any] | None) ->
 
 
 def _banner(settings: Settings, note: str | None, host: str, port: int, device: str) -> str:
-    url = f"ws://{host}:{port}/ws"
+    tls = settings.server.tls_cert is not None
+    url = f"{'wss' if tls else 'ws'}://{host}:{port}/ws"
     first = settings.sources[0].name
     url_flag = "" if (host, port) == ("127.0.0.1", 8765) else f" --url {url}"
     token_flag = " --token TOKEN" if settings.server.tokens else ""
@@ -102,7 +107,7 @@ def _banner(settings: Settings, note: str | None, host: str, port: int, device: 
     if note:
         lines.append(f"  NOTE:    {note}")
     lines += [
-        f"  health:  http://{host}:{port}/healthz",
+        f"  health:  {'https' if tls else 'http'}://{host}:{port}/healthz  (metrics: /metrics)",
         "Ask from another terminal:",
         f'  streamer ask --stream {first}{url_flag}{token_flag} "What is moving?"',
     ]
@@ -149,12 +154,28 @@ def make_tiny_model(out: Path, force: bool) -> int:
     return 0
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level, settings.server.log_json)
     if settings.model.id == "tiny-random":
         _say("using the tiny random-weight Qwen2-VL: its answers are gibberish (it exercises the pipeline)")
     return run_server(settings)

@@ -149,17 +149,24 @@ class ServerConfig(_Strict):
     port: int = Field(default=8765, ge=0, le=65535)
     tokens: list[SecretStr] = Field(default_factory=list, description="access tokens; empty = no auth")
     allowed_origins: list[str] = Field(
-        default_factory=list, description="browser Origins allowed to connect; empty = any (non-browser clients send none)"
+        default_factory=list,
+        description="browser Origins allowed to connect; empty = any (non-browser clients send none)",
     )
     tls_cert: Path | None = Field(default=None, description="PEM certificate: serve wss:// and https://")
     tls_key: Path | None = Field(default=None, description="PEM private key for tls_cert")
     queue_size: int = Field(default=32, ge=1, le=10_000, description="questions waiting at most")
-    max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest client message")
+    max_message_bytes: int = Field(
+        default=64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest client message"
+    )
     max_connections: int = Field(default=1000, ge=1, le=100_000)
     max_open_per_connection: int = Field(default=8, ge=1, le=1000, description="asks and watches open at once")
     asks_per_minute: int = Field(default=60, ge=1, le=100_000, description="per connection; more get rate_limited")
-    outbox_messages: int = Field(default=1000, ge=10, le=1_000_000, description="queued to a client before it is cut off")
-    ping_interval_s: float = Field(default=20.0, gt=0, description="keepalive ping; a peer silent past the timeout is dropped")
+    outbox_messages: int = Field(
+        default=1000, ge=10, le=1_000_000, description="queued to a client before it is cut off"
+    )
+    ping_interval_s: float = Field(
+        default=20.0, gt=0, description="keepalive ping; a peer silent past the timeout is dropped"
+    )
     ping_timeout_s: float = Field(default=20.0, gt=0)
     shutdown_deadline_s: float = Field(default=10.0, gt=0, le=600, description="time to finish open answers on SIGTERM")
     log_json: bool = Field(default=False, description="log one JSON object per line")

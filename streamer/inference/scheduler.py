@@ -235,21 +235,25 @@ class InferenceLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new questions, end queued ones and watches with ``shutting_down``, stop
-        the running one, and wait for the thread."""
+    def stop(self, timeout: float = 30.0, finish_running_within: float = 0.0) -> None:
+        """Refuse new questions, end queued ones and watches with ``shutting_down``, let the
+        running question finish for up to ``finish_running_within`` seconds, then stop it
+        too, and wait (up to ``timeout``) for the thread."""
         with self._lock:
             self._stopping = True
             queued = list(self._queue.items)
             self._queue.items.clear()
             watches, self._watches = self._watches, []
-            if self._running is not None and self._running._stop_code is None:
-                self._running._stop_code = "shutting_down"
             self._lock.notify_all()
         for w in watches:
             self._end_watch(w, "shutting_down", "the server is shutting down")
         for q in queued:
             self._fail(q, "shutting_down", "the server is shutting down")
+        if finish_running_within > 0 and self._thread.is_alive():
+            self._thread.join(finish_running_within)
+        with self._lock:
+            if self._running is not None and self._running._stop_code is None:
+                self._running._stop_code = "shutting_down"
         if self._thread.is_alive():
             self._thread.join(timeout)
 

@@ -1,7 +1,7 @@
 """The ASGI app (Starlette) and the uvicorn server that runs it.
 
-HTTP and the WebSocket share one port and one stack: ``/ws`` (PROTOCOL.md), ``/healthz``;
-``/metrics``, the dashboard and an OpenAI-compatible endpoint join as routes here.
+HTTP and the WebSocket share one port and one stack: ``/ws`` (PROTOCOL.md), ``/healthz``,
+``/metrics``; the dashboard and an OpenAI-compatible endpoint join as routes here.
 """
 
 from __future__ import annotations
@@ -9,32 +9,68 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from streamer.capture import StreamStatus
-from streamer.server.connection import Connection
+from streamer.server.connection import CLOSE_GOING_AWAY, Connection
+from streamer.server.metrics import Metrics
+from streamer.server.previews import PreviewHub
 from streamer.server.runtime import Runtime
 from streamer.server.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ServerState:
+    """What the handlers share: the runtime, metrics, subscriptions and open connections."""
+
+    runtime: Runtime
+    metrics: Metrics
+    subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    previews: PreviewHub = field(init=False)
+    connections: set[Connection] = field(default_factory=set)
+    shutting_down: bool = False
+
+    def __post_init__(self) -> None:
+        self.previews = PreviewHub(self.runtime)
+
+    async def drain(self, deadline_s: float) -> None:
+        """Graceful stop: no new questions; the running answer may finish within the
+        deadline, everything else ends with ``shutting_down``; then every connection is
+        closed with 1001 once its last messages are sent."""
+        started = time.monotonic()
+        self.shutting_down = True
+        loop = self.runtime.loop
+        if loop is not None:
+            await asyncio.to_thread(loop.stop, finish_running_within=deadline_s * 0.8)
+        await asyncio.sleep(0)  # let the answers posted from the inference thread be queued
+        self.previews.close()
+        for conn in list(self.connections):
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        left = max(0.5, deadline_s - (time.monotonic() - started))
+        await asyncio.gather(*(conn.drained(left) for conn in list(self.connections)))
+
+
 def create_app(runtime: Runtime) -> Starlette:
-    subscriptions = Subscriptions()
+    state = ServerState(runtime, Metrics(runtime))
 
     async def healthz(request: Request) -> JSONResponse:
         streams = runtime.stream_objects()
-        serving = runtime.loop is not None
+        serving = runtime.loop is not None and not state.shutting_down
         body = {
-            "status": "ok" if serving else "starting",
+            "status": "ok" if serving else ("shutting_down" if state.shutting_down else "starting"),
             "server": runtime.version,
             "model": runtime.model_info(),
             "streams": streams,
@@ -42,8 +78,11 @@ def create_app(runtime: Runtime) -> Starlette:
         }
         return JSONResponse(body, status_code=200 if serving else 503)
 
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def websocket_endpoint(websocket: WebSocket) -> None:
-        await Connection(websocket, runtime, subscriptions).serve()
+        await Connection(websocket, state).serve()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -51,26 +90,38 @@ def create_app(runtime: Runtime) -> Starlette:
 
         def status_changed(status: StreamStatus) -> None:  # on a capture thread
             try:
-                loop.call_soon_threadsafe(subscriptions.broadcast_status, status)
+                loop.call_soon_threadsafe(state.subscriptions.broadcast_status, status)
             except RuntimeError:  # the event loop has closed: nobody is listening
                 pass
 
         runtime.add_status_listener(status_changed)
         yield
-        # uvicorn has stopped taking connections: end open questions, stop capture.
         runtime.stop()
 
-    return Starlette(
-        routes=[Route("/healthz", healthz), WebSocketRoute("/ws", websocket_endpoint)],
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            WebSocketRoute("/ws", websocket_endpoint),
+        ],
         lifespan=lifespan,
     )
+    app.state.streamer = state
+    return app
 
 
 class StreamerServer(uvicorn.Server):
-    """uvicorn's server, calling ``on_listening(host, port)`` once the socket is bound."""
+    """uvicorn's server with streamer's start and stop: ``on_listening(host, port)`` once
+    the socket is bound, and a graceful drain of open questions before connections close."""
 
-    def __init__(self, config: uvicorn.Config, on_listening: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: ServerState,
+        on_listening: Callable[[str, int], None] | None = None,
+    ) -> None:
         super().__init__(config)
+        self.state = state
         self._on_listening = on_listening
 
     @contextmanager
@@ -87,15 +138,33 @@ class StreamerServer(uvicorn.Server):
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self._on_listening(host, port)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log.info("shutting down: finishing open answers")
+        for server in self.servers:
+            server.close()  # take no new connections while draining
+        deadline = self.state.runtime.settings.server.shutdown_deadline_s
+        try:
+            await asyncio.wait_for(self.state.drain(deadline), timeout=deadline + 2)
+        except TimeoutError:
+            log.warning("shutdown deadline passed; closing what is left")
+        await super().shutdown(sockets)
+
 
 def make_server(runtime: Runtime, on_listening: Callable[[str, int], None] | None = None) -> StreamerServer:
     server_cfg = runtime.settings.server
+    app = create_app(runtime)
     config = uvicorn.Config(
-        create_app(runtime),
+        app,
         host=server_cfg.host,
         port=server_cfg.port,
         ws="websockets-sansio",
+        ws_max_size=server_cfg.max_message_bytes,
+        ws_ping_interval=server_cfg.ping_interval_s,
+        ws_ping_timeout=server_cfg.ping_timeout_s,
+        ssl_certfile=str(server_cfg.tls_cert) if server_cfg.tls_cert else None,
+        ssl_keyfile=str(server_cfg.tls_key) if server_cfg.tls_key else None,
         log_level="warning",
         lifespan="on",
+        timeout_graceful_shutdown=server_cfg.shutdown_deadline_s,
     )
-    return StreamerServer(config, on_listening)
+    return StreamerServer(config, app.state.streamer, on_listening)

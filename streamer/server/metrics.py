@@ -62,8 +62,8 @@ class Metrics:
     def __init__(self, runtime: Runtime) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Gauge("streamer_connections", "Open WebSocket connections", registry=r)
-        self.connections_total = Counter("streamer_connections", "WebSocket connections accepted", registry=r)
+        self.connections = Gauge("streamer_open_connections", "Open WebSocket connections", registry=r)
+        self.connections_total = Counter("streamer_connections_accepted", "WebSocket connections accepted", registry=r)
         self.refused = Counter("streamer_connections_refused", "Connections refused", ["reason"], registry=r)
         self.questions = Counter("streamer_questions", "Questions ended, by outcome", ["kind", "outcome"], registry=r)
         self.ttft = Histogram(

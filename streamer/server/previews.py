@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,12 +59,11 @@ def encode_preview(frame: Frame, max_width: int) -> tuple[bytes, int, int]:
 
 
 class PreviewFeed:
-    def __init__(self, key: PreviewKey, runtime: Runtime, on_encoded: Callable[[], None] | None = None) -> None:
+    def __init__(self, key: PreviewKey, runtime: Runtime) -> None:
         self.key = key
         self.runtime = runtime
         self.subscribers: set[PreviewSubscriber] = set()
         self.encoded = 0
-        self._on_encoded = on_encoded
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
