@@ -53,6 +53,11 @@ class InProcessServer:
         self.runtime.stop()
 
     @property
+    def runtime_state(self):
+        """The app's shared state (connections, previews, metrics)."""
+        return self._server.state
+
+    @property
     def loop(self):
         assert self.runtime.loop is not None
         return self.runtime.loop

@@ -61,6 +61,8 @@ class ServerState:
             conn.close(CLOSE_GOING_AWAY, "server shutting down")
         left = max(0.5, deadline_s - (time.monotonic() - started))
         await asyncio.gather(*(conn.drained(left) for conn in list(self.connections)))
+        for conn in list(self.connections):
+            conn.abort()  # still stuck behind a peer that does not read
 
 
 def create_app(runtime: Runtime) -> Starlette:

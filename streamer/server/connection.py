@@ -205,9 +205,10 @@ class Connection:
         self.close(CLOSE_POLICY_VIOLATION, "too slow: messages were not read")
         # The sender may be stuck writing to a peer that does not read, and a close frame
         # would wait behind it: give it a moment, then drop the TCP connection.
-        self.loop.call_later(CUT_OFF_GRACE_S, self._abort)
+        self.loop.call_later(CUT_OFF_GRACE_S, self.abort)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the TCP connection unless everything was sent (a peer that does not read)."""
         if self._sender is not None and self._sender.done():
             return
         # Starlette hides the transport; uvicorn's protocol object is behind ``send``.
