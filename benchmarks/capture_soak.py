@@ -67,12 +67,14 @@ def main() -> None:
     finally:
         capture.stop()
         server.kill()
-    per_minute = max(1, int(60 / args.every))
-    first = sum(s[1] for s in samples[:per_minute]) / min(per_minute, len(samples))
-    last = sum(s[1] for s in samples[-per_minute:]) / min(per_minute, len(samples))
+    # The first minute fills the ring buffer (64 frames): compare the second minute, when
+    # memory should have settled, with the last one.
+    second = [s[1] for s in samples if 60 <= s[0] < 120] or [samples[0][1]]
+    last = [s[1] for s in samples if s[0] >= samples[-1][0] - 60]
+    a, b = sum(second) / len(second), sum(last) / len(last)
     print(
-        f"rss_first_minute_mib={first:.1f} rss_last_minute_mib={last:.1f} growth_mib={last - first:+.1f} "
-        f"frames={samples[-1][2] + 1} reconnects={samples[-1][3]}"
+        f"rss_second_minute_mib={a:.1f} rss_last_minute_mib={b:.1f} growth_mib={b - a:+.1f} "
+        f"max_mib={max(s[1] for s in samples):.1f} frames={samples[-1][2] + 1} reconnects={samples[-1][3]}"
     )
 
 
