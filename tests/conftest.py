@@ -54,12 +54,17 @@ class ServerProcess:
 
 
 def start_server(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, timeout: float = 90.0, command: str = "serve"
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+    command: str = "serve",
+    port: int = 0,
 ) -> ServerProcess:
-    """Run ``streamer <command> ARGS --port 0`` and wait for its banner (the bound port)."""
+    """Run ``streamer <command> ARGS --port PORT`` and wait for its banner (the bound port)."""
     log_file = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer.cli", command, *args, "--port", "0"],
+        [sys.executable, "-m", "streamer.cli", command, *args, "--port", str(port)],
         cwd=ROOT,
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -13,13 +13,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from streamer.capture import StreamStatus
@@ -30,6 +32,9 @@ from streamer.server.runtime import Runtime
 from streamer.server.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
+
+#: The browser dashboard in a source checkout (``pip install -e .``).
+DEFAULT_DASHBOARD = Path(__file__).resolve().parents[2] / "clients" / "web"
 
 
 @dataclass
@@ -100,14 +105,17 @@ def create_app(runtime: Runtime) -> Starlette:
         yield
         runtime.stop()
 
-    app = Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/metrics", metrics),
-            WebSocketRoute("/ws", websocket_endpoint),
-        ],
-        lifespan=lifespan,
-    )
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        WebSocketRoute("/ws", websocket_endpoint),
+    ]
+    dashboard = runtime.settings.server.dashboard_dir or DEFAULT_DASHBOARD
+    if dashboard.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard"))
+    else:
+        log.warning("no dashboard at %s: GET / will answer 404", dashboard)
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.streamer = state
     return app
 
