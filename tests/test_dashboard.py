@@ -102,10 +102,8 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         answers = [m for m in received if m.get("type") == "answer" and m.get("id") == qid]
         tokens = [m for m in received if m.get("type") == "token" and m.get("id") == qid]
         assert len(answers) == 1 and tokens
-        assert (
-            entry.query_selector(".a").inner_text() == answers[0]["text"].strip()
-            or entry.get_attribute("data-final") == answers[0]["text"]
-        )
+        shown = entry.query_selector(".a").evaluate("node => node.textContent")
+        assert shown == answers[0]["text"] == entry.get_attribute("data-final")
         assert entry.get_attribute("data-final") == "".join(t["text"] for t in tokens)
         assert "frames" in entry.query_selector(".meta").inner_text()
         page.screenshot(path=str(ARTIFACTS / "03-answer.png"))
