@@ -84,14 +84,14 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         page.wait_for_selector("#connection.connected", timeout=20_000)
         page.wait_for_selector('#streams button[data-stream="demo"] .pill.live', timeout=20_000)
         assert "gibberish" in page.inner_text("#model-note")
-        page.screenshot(path=str(ARTIFACTS / "01-loaded.png"))
+        page.screenshot(path=str(ARTIFACTS / "01-loaded.png"), full_page=True)
 
         # 2. The preview changes over time.
         page.wait_for_selector("#preview:not([hidden])", timeout=20_000)
         first_seq = int(page.get_attribute("#preview", "data-seq"))
         page.wait_for_function(f"Number(document.querySelector('#preview').dataset.seq) > {first_seq}", timeout=10_000)
         assert "latency" in page.inner_text("#preview-info")
-        page.screenshot(path=str(ARTIFACTS / "02-preview.png"))
+        page.screenshot(path=str(ARTIFACTS / "02-preview.png"), full_page=True)
 
         # 3. A typed question (Enter) streams in and ends as the server's final text.
         page.fill("#question", "What is moving?")
@@ -106,7 +106,7 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         assert shown == answers[0]["text"] == entry.get_attribute("data-final")
         assert entry.get_attribute("data-final") == "".join(t["text"] for t in tokens)
         assert "frames" in entry.query_selector(".meta").inner_text()
-        page.screenshot(path=str(ARTIFACTS / "03-answer.png"))
+        page.screenshot(path=str(ARTIFACTS / "03-answer.png"), full_page=True)
 
         # 4. Esc cancels the running question.
         page.fill("#question", "Tell me everything.")
@@ -130,7 +130,7 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         page.wait_for_selector("#alerts li", timeout=30_000)
         page.wait_for_selector("#banner.alert", timeout=5_000)
         assert needle in page.inner_text("#alerts li")
-        page.screenshot(path=str(ARTIFACTS / "04-alert.png"))
+        page.screenshot(path=str(ARTIFACTS / "04-alert.png"), full_page=True)
 
         # 6. Phone-sized screen: everything stacks into one column and stays usable.
         page.set_viewport_size({"width": 390, "height": 844})
@@ -144,7 +144,7 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         assert stop_server(server) == 0
         page.wait_for_selector("#connection.disconnected", timeout=15_000)
         page.wait_for_function("document.querySelector('#banner').textContent.includes('Reconnecting')")
-        page.screenshot(path=str(ARTIFACTS / "06-server-down.png"))
+        page.screenshot(path=str(ARTIFACTS / "06-server-down.png"), full_page=True)
         time.sleep(1.5)
         server = start_server(["--config", str(config)], tmp_path / "server-2.log", port=port)
         page.wait_for_selector("#connection.connected", timeout=30_000)
@@ -159,7 +159,7 @@ def test_dashboard_end_to_end(browser, tiny_model: Path, tmp_path: Path) -> None
         while len([m for m in received if m.get("type") == "answer" and m.get("watch")]) <= rounds_before:
             assert time.monotonic() < deadline, "the watch did not come back after the restart"
             page.wait_for_timeout(200)
-        page.screenshot(path=str(ARTIFACTS / "07-reconnected.png"))
+        page.screenshot(path=str(ARTIFACTS / "07-reconnected.png"), full_page=True)
     finally:
         page.close()
         stop_server(server)
