@@ -121,6 +121,9 @@ class ModelConfig(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    fast_path: bool = Field(default=True, description="reuse vision work and batch questions (greedy video only)")
+    vision_cache_mb: int = Field(default=512, ge=0, le=65536, description="memory for cached frame-pair embeddings")
+    max_batch: int = Field(default=8, ge=1, le=64, description="questions about one window decoded together")
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Settings for ``generate``; unset ones keep the model's own defaults."""

@@ -19,7 +19,7 @@ from PIL import Image
 from qwen_vl_utils import process_vision_info
 
 from streamer.config import ModelConfig
-from streamer.inference.engine import GenerationRequest, TransformersEngine
+from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
 from streamer.inference.scheduler import FairQueue, Question
 from tests.conftest import ServerProcess
@@ -144,7 +144,7 @@ async def test_watch_alerts_when_the_answer_matches(tiny_model: Path, tmp_path: 
         assert alert["frames"]["count"] == 4
 
 
-class FailingOnce:
+class FailingOnce(Engine):
     """Wraps the real engine; the first generation raises what a CUDA OOM raises."""
 
     def __init__(self, engine: TransformersEngine) -> None:
@@ -261,7 +261,7 @@ async def test_random_mix_of_asks_cancels_and_disconnects_ends_every_ask_once(
 
         await asyncio.gather(*(session(n) for n in range(40)))
         deadline = time.monotonic() + 60
-        while server.loop.depth() or server.loop._running is not None:
+        while not server.loop.idle():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         submitted, outcomes = server.loop.submitted, dict(server.loop.outcomes)

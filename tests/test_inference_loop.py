@@ -12,7 +12,7 @@ import pytest
 
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
-from streamer.inference.engine import TransformersEngine
+from streamer.inference.engine import Engine, TransformersEngine
 from streamer.inference.loader import load_model
 from streamer.inference.scheduler import Answer, InferenceLoop, Question, Rejected, StreamFeed, window_of
 
@@ -133,7 +133,7 @@ def test_queue_full_is_busy_and_stop_ends_queued_questions(engine: TransformersE
 
 
 def test_engine_failure_is_internal_and_the_loop_lives_on(engine: TransformersEngine) -> None:
-    class FailingOnce:
+    class FailingOnce(Engine):
         note = None
         model_id = "x"
 
@@ -205,7 +205,7 @@ class WatchRecorder(RecordingSink):
 def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: TransformersEngine) -> None:
     from streamer.inference.scheduler import Watch
 
-    class SlowFirst:
+    class SlowFirst(Engine):
         note = None
         model_id = "x"
         calls = 0

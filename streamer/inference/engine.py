@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,10 @@ class GenerationRequest:
     sample_fps: float
     #: "video": the frames as one video; "image": the last frame as an image.
     mode: str = "video"
+    #: Where the frames come from: the stream and an identity per frame that no other frame
+    #: of that stream shares (the loop uses (seq, capture time)). Lets an engine reuse work.
+    stream: str | None = None
+    frame_ids: tuple[Hashable, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,20 @@ class Engine(ABC):
     ) -> GenerationResult:
         """Answer ``request``. ``on_text`` gets pieces whose concatenation is the final text;
         ``should_stop`` is polled between decode steps."""
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_texts: Sequence[Callable[[str], None]],
+        should_stops: Sequence[Callable[[], bool]],
+    ) -> list[GenerationResult]:
+        """Answer several requests about the same frames; by default one after another."""
+        return [self.generate(r, t, s) for r, t, s in zip(requests, on_texts, should_stops, strict=True)]
+
+    def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]) -> bool:
+        """Do one piece of work ahead of questions (e.g. encode a new frame pair); True if
+        there was some. Called by the inference loop when it has nothing else to do."""
+        return False
 
 
 class IncrementalDecoder:
@@ -129,13 +147,31 @@ class _StopWhen:
 
 
 class TransformersEngine(Engine):
-    """Runs Qwen2-VL in this process with transformers' ``generate`` (greedy by default)."""
+    """Runs Qwen2-VL in this process with transformers.
+
+    Greedy video questions take the fast path (:mod:`streamer.inference.fastpath`): vision
+    embeddings of frame pairs are computed once (ahead of questions when the loop is idle)
+    and reused, and questions about the same window are decoded as one batch sharing the
+    video prefix. Everything else (image mode, sampling, odd frame counts) goes through
+    ``model.generate`` with the processor's inputs, as the reference pipeline does.
+    """
 
     def __init__(self, loaded: LoadedModel, cfg: ModelConfig) -> None:
+        from streamer.inference.fastpath import VisionCache, VisionEncoder
+
         self.loaded = loaded
         self.cfg = cfg
         self.model_id = loaded.model_id
         self.note = loaded.note
+        self.vision_cache = VisionCache(cfg.vision_cache_mb * 2**20)
+        self.vision = VisionEncoder(loaded.model, loaded.processor, self.vision_cache, cfg.min_pixels, cfg.max_pixels)
+        tok = loaded.processor.tokenizer
+        self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+        eos = loaded.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        pad = loaded.model.generation_config.pad_token_id
+        self._pad = pad if pad is not None else tok.pad_token_id or 0
 
     def prepare(self, request: GenerationRequest) -> Any:
         inputs = processor_inputs(
@@ -154,7 +190,95 @@ class TransformersEngine(Engine):
                 inputs[key] = inputs[key].to(self.loaded.dtype)
         return inputs
 
+    def _fast(self, request: GenerationRequest) -> bool:
+        return (
+            self.cfg.fast_path
+            and request.mode == "video"
+            and request.stream is not None
+            and request.frame_ids is not None
+            and not self.cfg.do_sample
+            and self.cfg.repetition_penalty is None
+        )
+
     def generate(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> GenerationResult:
+        return self.generate_batch([request], [on_text], [should_stop])[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_texts: Sequence[Callable[[str], None]],
+        should_stops: Sequence[Callable[[], bool]],
+    ) -> list[GenerationResult]:
+        first = requests[0]
+        same_window = all(r.stream == first.stream and r.frame_ids == first.frame_ids for r in requests)
+        if same_window and all(self._fast(r) for r in requests):
+            results = self._generate_fast(requests, on_texts, should_stops)
+            if results is not None:
+                return results
+        return [self._generate_plain(r, t, s) for r, t, s in zip(requests, on_texts, should_stops, strict=True)]
+
+    def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]) -> bool:
+        if not self.cfg.fast_path:
+            return False
+        return self.vision.warm(stream, frames, ids)
+
+    def _prompt_ids(self, question: str, video_tokens: int) -> list[int]:
+        from streamer.inference.video import chat_messages
+
+        processor = self.loaded.processor
+        prompt = processor.apply_chat_template(
+            chat_messages(question, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
+        )
+        ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        at = ids.index(self._video_pad)
+        return ids[:at] + [self._video_pad] * video_tokens + ids[at + 1 :]
+
+    def _generate_fast(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_texts: Sequence[Callable[[str], None]],
+        should_stops: Sequence[Callable[[], bool]],
+    ) -> list[GenerationResult] | None:
+        from streamer.inference.fastpath import Row, decode_greedy, split_prompt
+
+        first = requests[0]
+        assert first.stream is not None and first.frame_ids is not None
+        window = self.vision.window(first.stream, first.frames, first.frame_ids)
+        if window is None:
+            return None
+        embeds, grid, _ = window
+        embeds = embeds.to(self.loaded.dtype)
+        tokenizer = self.loaded.processor.tokenizer
+        rows, decoders, prefix = [], [], None
+        for request, on_text, should_stop in zip(requests, on_texts, should_stops, strict=True):
+            head, suffix = split_prompt(self._prompt_ids(request.question, embeds.shape[0]), self._vision_end)
+            if prefix is None:
+                prefix = head
+            decoder = IncrementalDecoder(tokenizer, on_text)
+            decoders.append(decoder)
+            rows.append(Row(suffix, request.max_new_tokens, lambda t, d=decoder: d.add([t]), should_stop, []))
+        assert prefix is not None
+        decode_greedy(
+            self.loaded.model,
+            prefix,
+            embeds,
+            grid,
+            rows,
+            video_token_id=self._video_pad,
+            eos_ids=self._eos,
+            pad_id=self._pad,
+        )
+        return [
+            GenerationResult(text=d.finish(), token_ids=r.tokens, stopped=r.stopped, first_token_at=r.first_token_at)
+            for r, d in zip(rows, decoders, strict=True)
+        ]
+
+    def _generate_plain(
         self,
         request: GenerationRequest,
         on_text: Callable[[str], None],

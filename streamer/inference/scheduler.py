@@ -36,6 +36,9 @@ from streamer.inference.engine import Engine, GenerationRequest
 
 log = logging.getLogger(__name__)
 
+#: How often an idle loop with warming enabled looks for new frames, seconds.
+WARM_POLL_S = 0.2
+
 ErrorCode = Literal[
     "unknown_stream", "stream_unavailable", "busy", "cancelled", "superseded", "internal", "shutting_down"
 ]
@@ -214,13 +217,26 @@ class FairQueue:
 
 
 class InferenceLoop:
-    def __init__(self, engine: Engine, streams: Mapping[str, StreamFeed], *, queue_size: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        streams: Mapping[str, StreamFeed],
+        *,
+        queue_size: int,
+        max_batch: int = 1,
+        warm_frames: int = 0,
+    ) -> None:
+        """``max_batch``: questions about the same window answered together (people's asks
+        and watch rounds alike). ``warm_frames``: when idle, let the engine prepare the
+        window of that many newest frames of each stream (0: never)."""
         self.engine = engine
         self.streams = dict(streams)
         self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.warm_frames = warm_frames
         self._queue = FairQueue()
         self._watches: list[Watch] = []
-        self._running: Question | None = None
+        self._running: list[Question] = []
         self._lock = threading.Condition(threading.Lock())
         self._stopping = False
         #: How questions ended, by outcome ("answer" or an error code); watch rounds included.
@@ -252,8 +268,9 @@ class InferenceLoop:
         if finish_running_within > 0 and self._thread.is_alive():
             self._thread.join(finish_running_within)
         with self._lock:
-            if self._running is not None and self._running._stop_code is None:
-                self._running._stop_code = "shutting_down"
+            for q in self._running:
+                if q._stop_code is None:
+                    q._stop_code = "shutting_down"
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -281,7 +298,7 @@ class InferenceLoop:
                     reject = ("busy", f"the question queue is full ({self.queue_size}); try again shortly")
                 else:
                     self._queue.append(q)
-                    position = self._queue.position(q) + (1 if self._running is not None else 0)
+                    position = self._queue.position(q) + (1 if self._running else 0)
                     # Accepted goes out before the worker can pick the question up.
                     q.sink.on_accepted(q, position)
                     self._lock.notify_all()
@@ -305,7 +322,7 @@ class InferenceLoop:
                 refuse("shutting_down", "the server is shutting down")
             w.next_due = time.monotonic()
             self._watches.append(w)
-            w.sink.on_watch_accepted(w, len(self._queue) + (1 if self._running is not None else 0))
+            w.sink.on_watch_accepted(w, len(self._queue) + (1 if self._running else 0))
             self._lock.notify_all()
 
     def cancel(self, owner: Hashable, question_id: str) -> bool:
@@ -319,6 +336,11 @@ class InferenceLoop:
     def depth(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running."""
+        with self._lock:
+            return not self._queue and not self._running
 
     def skipped_rounds(self) -> int:
         """Watch rounds skipped so far because the watch's last round was still open."""
@@ -344,23 +366,19 @@ class InferenceLoop:
                 self._watches.remove(w)
                 if w._pending is not None and w._pending in self._queue.items:
                     self._queue.remove(w._pending)
-            running = self._running
-            hit_running = (
-                running is not None
-                and running._stop_code is None
-                and (
-                    (running.watch is None and match(running.owner, running.id))
-                    or (running.watch is not None and running.watch in watches)
-                )
-            )
-            if hit_running:
-                assert running is not None
-                running._stop_code = "cancelled"
+            hit_running = [
+                q
+                for q in self._running
+                if q._stop_code is None
+                and ((q.watch is None and match(q.owner, q.id)) or (q.watch is not None and q.watch in watches))
+            ]
+            for q in hit_running:
+                q._stop_code = "cancelled"
         for q in queued:
             self._fail(q, "cancelled", "cancelled by the client")
         for w in watches:
             self._end_watch(w, "cancelled", "cancelled by the client")
-        return len(queued) + len(watches) + int(hit_running and running is not None and running.watch is None)
+        return len(queued) + len(watches) + sum(1 for q in hit_running if q.watch is None)
 
     def _reject(self, q: Question, code: ErrorCode, message: str) -> None:
         self._fail(q, code, message)
@@ -434,55 +452,100 @@ class InferenceLoop:
                     wait = self._enqueue_due_rounds(time.monotonic())
                     if self._queue:
                         break
+                    if self.warm_frames:
+                        break  # idle: prepare the streams' windows instead of waiting
                     self._lock.wait(wait)
-                q = self._queue.pop()
-                self._running = q
+                batch = self._take_batch() if self._queue else []
+                self._running = batch
+            if not batch:
+                if not self._warm():
+                    with self._lock:
+                        if not self._queue and not self._stopping:
+                            self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
+                continue
             try:
-                self._answer(q)
+                self._answer(batch)
             except Exception as err:  # the loop outlives any one question
-                log.exception("question %s failed", q.id)
-                self._fail(q, "internal", _describe_failure(err))
+                log.exception("questions %s failed", [q.id for q in batch])
+                for q in batch:
+                    self._fail(q, "internal", _describe_failure(err))
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running = []
 
-    def _answer(self, q: Question) -> None:
+    def _take_batch(self) -> list[Question]:
+        """The next question and, up to ``max_batch``, those waiting for the same window
+        (lock held)."""
+        first = self._queue.pop()
+        batch = [first]
+        for q in list(self._queue.items):
+            if len(batch) >= self.max_batch:
+                break
+            if q.stream == first.stream and q.mode == first.mode and q.frames == first.frames:
+                self._queue.remove(q)
+                batch.append(q)
+        return batch
+
+    def _warm(self) -> bool:
+        """One piece of work ahead of questions; True if the engine had some."""
+        for name, feed in self.streams.items():
+            frames = window_of(feed.ring, self.warm_frames)
+            if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                return True
+        return False
+
+    def _answer(self, batch: list[Question]) -> None:
         started = time.monotonic()
-        feed = self.streams[q.stream]
-        frames = window_of(feed.ring, 1 if q.mode == "image" else q.frames)
+        first = batch[0]
+        feed = self.streams[first.stream]
+        frames = window_of(feed.ring, 1 if first.mode == "image" else first.frames)
         if not frames:
-            self._fail(q, "stream_unavailable", f"stream {q.stream!r} has no frames")
+            for q in batch:
+                self._fail(q, "stream_unavailable", f"stream {q.stream!r} has no frames")
             return
-        request = GenerationRequest(
-            frames=[f.rgb for f in frames],
-            question=q.text,
-            max_new_tokens=q.max_new_tokens,
-            sample_fps=feed.sample_fps,
-            mode=q.mode,
-        )
+        requests = [
+            GenerationRequest(
+                frames=[f.rgb for f in frames],
+                question=q.text,
+                max_new_tokens=q.max_new_tokens,
+                sample_fps=feed.sample_fps,
+                mode=q.mode,
+                stream=q.stream,
+                frame_ids=tuple((f.seq, f.ts) for f in frames),
+            )
+            for q in batch
+        ]
 
-        def on_text(piece: str) -> None:
-            if q._stop_code is None and not _silenced(q):
-                q.sink.on_text(q, piece)
+        def text_sink(q: Question) -> Callable[[str], None]:
+            def on_text(piece: str) -> None:
+                if q._stop_code is None and not _silenced(q):
+                    q.sink.on_text(q, piece)
 
-        result = self.engine.generate(request, on_text, lambda: q._stop_code is not None)
-        code = q._stop_code
-        if code is not None:
-            self._fail(q, code, "cancelled by the client" if code == "cancelled" else "the server is shutting down")
-            return
+            return on_text
+
+        def stop_check(q: Question) -> Callable[[], bool]:
+            return lambda: q._stop_code is not None
+
+        results = self.engine.generate_batch(requests, [text_sink(q) for q in batch], [stop_check(q) for q in batch])
         done = time.monotonic()
-        first = result.first_token_at
-        answer = Answer(
-            text=result.text,
-            frames=FrameSpan.of(frames),
-            queued_ms=round((started - q.received_at) * 1000, 1),
-            first_token_ms=None if first is None else round((first - q.received_at) * 1000, 1),
-            total_ms=round((done - q.received_at) * 1000, 1),
-            token_ids=tuple(result.token_ids),
-            matched=q.watch.matches(result.text) if q.watch is not None else None,
-        )
-        if self._finish_once(q, "answer") and not _silenced(q):
-            q.sink.on_answer(q, answer)
+        for q, result in zip(batch, results, strict=True):
+            code = q._stop_code
+            if code is not None:
+                reason = "cancelled by the client" if code == "cancelled" else "the server is shutting down"
+                self._fail(q, code, reason)
+                continue
+            first_at = result.first_token_at
+            answer = Answer(
+                text=result.text,
+                frames=FrameSpan.of(frames),
+                queued_ms=round((started - q.received_at) * 1000, 1),
+                first_token_ms=None if first_at is None else round((first_at - q.received_at) * 1000, 1),
+                total_ms=round((done - q.received_at) * 1000, 1),
+                token_ids=tuple(result.token_ids),
+                matched=q.watch.matches(result.text) if q.watch is not None else None,
+            )
+            if self._finish_once(q, "answer") and not _silenced(q):
+                q.sink.on_answer(q, answer)
 
 
 def _silenced(q: Question) -> bool:

@@ -47,7 +47,14 @@ class Runtime:
     def start_inference(self) -> None:
         engine = self.load_engine()
         feeds = {name: StreamFeed(c.ring, c.cfg.sample_fps) for name, c in self.captures.items()}
-        self.loop = InferenceLoop(engine, feeds, queue_size=self.settings.server.queue_size)
+        model = self.settings.model
+        self.loop = InferenceLoop(
+            engine,
+            feeds,
+            queue_size=self.settings.server.queue_size,
+            max_batch=model.max_batch if model.fast_path else 1,
+            warm_frames=model.frames if model.fast_path else 0,
+        )
         self.loop.start()
 
     def stop(self) -> None:

@@ -1,0 +1,276 @@
+"""The fast path: vision work reused across questions, and questions decoded together.
+
+Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
+
+- the vision encoder attends within each temporal patch (a pair of frames) only, so a
+  pair's embeddings do not depend on its neighbours: they are computed once per pair,
+  kept in a bounded :class:`VisionCache`, and concatenated for any window that contains
+  the pair. Frames are paired from the newest backwards, so every frame is encoded in the
+  pair that ends with it ("pair ending at k") and any window ending at the newest frame
+  is made of cached pairs;
+- the prompt puts the video before the question, so every question about one window shares
+  the prompt up to ``<|vision_end|>``: :func:`decode_greedy` prefills that prefix once,
+  repeats its KV cache for each question, prefills each question's own tokens, and decodes
+  all of them as one batch with explicit M-RoPE positions per row.
+
+Greedy only: sampling settings send questions down the plain ``generate`` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamer.inference.video import TEMPORAL_PATCH, clip_size, frame_size, video_tensor
+
+log = logging.getLogger(__name__)
+
+
+class VisionCache:
+    """Embeddings of frame pairs, least recently used evicted first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            self._items[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+@dataclass(frozen=True)
+class PairKey:
+    """A pair of frames of one stream (by their identities), resized for the model one way."""
+
+    stream: str
+    first: Hashable
+    last: Hashable
+    height: int
+    width: int
+
+
+def window_pairs(seqs: Sequence[Hashable]) -> list[tuple[int, int]] | None:
+    """Index pairs of a window, paired from the newest frame backwards; None when the
+    window has an odd length (its padded pair cannot come from the cache)."""
+    if len(seqs) % TEMPORAL_PATCH:
+        return None
+    return [(i, i + 1) for i in range(0, len(seqs), 2)]
+
+
+class VisionEncoder:
+    """Computes and caches per-pair embeddings with the model's own processor and tower."""
+
+    def __init__(self, model: Any, processor: Any, cache: VisionCache, min_pixels: int, max_pixels: int) -> None:
+        self.model = model
+        self.processor = processor
+        self.cache = cache
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+
+    def clip_shape(self, frame: np.ndarray, num_frames: int) -> tuple[int, int] | None:
+        """Frame size after both resizes, or None when it would depend on the window length
+        (the total-pixel cap binds): then the per-pair cache would not be exact."""
+        h, w = frame_size(frame.shape[0], frame.shape[1], self.min_pixels, self.max_pixels)
+        size = clip_size(h, w, num_frames, self.min_pixels, self.max_pixels)
+        if size != clip_size(h, w, TEMPORAL_PATCH, self.min_pixels, self.max_pixels):
+            return None
+        return size
+
+    def encode_pair(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (tokens x hidden) and grid (1, 3) of two frames."""
+        clip = video_tensor(frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        batch = self.processor.video_processor(videos=[clip], size=size, do_sample_frames=False, return_tensors="pt")
+        device = self.model.device
+        pixels = batch["pixel_values_videos"].to(device)
+        grid = batch["video_grid_thw"].to(device)
+        with torch.inference_mode():
+            out = self.model.model.get_video_features(pixels, grid)
+        return out.pooler_output[0], grid
+
+    def window(
+        self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Embeddings and ``video_grid_thw`` of a whole window from cached pairs (computing
+        the missing ones), and how many pairs had to be computed; None if the window cannot
+        be assembled from pairs exactly."""
+        pairs = window_pairs(seqs)
+        shape = self.clip_shape(frames[-1], len(frames)) if pairs else None
+        if pairs is None or shape is None:
+            return None
+        parts, computed, grid = [], 0, None
+        for a, b in pairs:
+            key = PairKey(stream, seqs[a], seqs[b], *shape)
+            emb = self.cache.get(key)
+            if emb is None:
+                emb, grid = self.encode_pair([frames[a], frames[b]])
+                self.cache.put(key, emb)
+                computed += 1
+            parts.append(emb)
+        h, w = shape
+        patch = 14
+        grid = torch.tensor([[len(pairs), h // patch, w // patch]], device=parts[0].device)
+        return torch.cat(parts), grid, computed
+
+    def warm(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> bool:
+        """Encode one missing pair of the window ending at the newest frame; True if it did."""
+        if len(frames) < TEMPORAL_PATCH:
+            return False
+        n = len(frames) - len(frames) % TEMPORAL_PATCH
+        frames, seqs = frames[-n:], seqs[-n:]
+        shape = self.clip_shape(frames[-1], n)
+        if shape is None:
+            return False
+        for a in range(n - 2, -1, -2):  # newest pair first: the next question needs it most
+            key = PairKey(stream, seqs[a], seqs[a + 1], *shape)
+            if key not in self.cache:
+                emb, _ = self.encode_pair([frames[a], frames[a + 1]])
+                self.cache.put(key, emb)
+                return True
+        return False
+
+
+@dataclass
+class Row:
+    """One question in a batch: its own prompt tokens and callbacks."""
+
+    suffix: list[int]
+    max_new_tokens: int
+    on_token: Callable[[int], None]
+    should_stop: Callable[[], bool]
+    tokens: list[int]
+    done: bool = False
+    stopped: bool = False
+    first_token_at: float | None = None
+
+
+def split_prompt(ids: list[int], vision_end_id: int) -> tuple[list[int], list[int]]:
+    """The shared prefix (through ``<|vision_end|>``) and the question's own suffix."""
+    cut = ids.index(vision_end_id) + 1
+    return ids[:cut], ids[cut:]
+
+
+def decode_greedy(
+    model: Any,
+    prefix: list[int],
+    video_embeds: torch.Tensor,
+    video_grid_thw: torch.Tensor,
+    rows: list[Row],
+    *,
+    video_token_id: int,
+    eos_ids: set[int],
+    pad_id: int,
+) -> None:
+    """Greedy-decode every row's answer, sharing one prefill of ``prefix``.
+
+    Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, with the
+    positions Qwen2-VL would give it alone (padding between rows is masked out), so its
+    greedy tokens equal the single-question ``generate``'s. Tokens are appended to
+    ``row.tokens`` and reported through ``row.on_token`` as they are decided.
+    """
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    device = model.device
+    n = len(rows)
+    prefix_ids = torch.tensor([prefix], device=device)
+    token_types = (prefix_ids == video_token_id).to(torch.int) * 2
+    ones = torch.ones_like(prefix_ids)
+    with torch.inference_mode():
+        positions, delta = model.model.get_rope_index(
+            prefix_ids, video_grid_thw=video_grid_thw, attention_mask=ones, mm_token_type_ids=token_types
+        )
+        cache = DynamicCache(config=model.config)
+        model(
+            input_ids=prefix_ids,
+            attention_mask=ones,
+            position_ids=positions,
+            mm_token_type_ids=token_types,
+            video_grid_thw=video_grid_thw,
+            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(video_embeds,))},
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        p = len(prefix)
+        base = p + int(delta.reshape(-1)[0])  # position of the first token after the prefix
+        lengths = [len(r.suffix) for r in rows]
+        width = max(lengths)
+        suffix = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n, p + width), dtype=torch.long, device=device)
+        mask[:, :p] = 1
+        pos = torch.zeros((3, n, width), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            suffix[i, : lengths[i]] = torch.tensor(r.suffix, device=device)
+            mask[i, p : p + lengths[i]] = 1
+            steps = torch.arange(width, device=device).clamp(max=lengths[i] - 1)
+            pos[:, i, :] = base + steps
+        out = model(input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        logits = out.logits[torch.arange(n, device=device), torch.tensor(lengths, device=device) - 1]
+        next_pos = torch.tensor([base + length for length in lengths], device=device)
+        step = 0
+        while True:
+            chosen = logits.argmax(-1).tolist()
+            now = time.monotonic()
+            for i, r in enumerate(rows):
+                if r.done:
+                    continue
+                r.tokens.append(chosen[i])
+                r.first_token_at = r.first_token_at or now
+                r.on_token(chosen[i])
+                if chosen[i] in eos_ids or len(r.tokens) >= r.max_new_tokens:
+                    r.done = True
+                elif r.should_stop():
+                    r.done = r.stopped = True
+            if all(r.done for r in rows):
+                return
+            step_ids = torch.tensor(
+                [[c if not r.done else pad_id] for c, r in zip(chosen, rows, strict=True)], device=device
+            )
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
+            step_pos = (next_pos + step).view(1, n, 1).expand(3, n, 1)
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            step += 1
