@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_flags(demo)
 
     sub.add_parser("ask", help="ask a running server a question and print the streamed answer", add_help=False)
+    sub.add_parser("bench", help="measure streamer against the reference pipeline (--quick: minutes)", add_help=False)
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny random-weight Qwen2-VL into a folder")
     tiny.add_argument("dir", type=Path, help="output folder")
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from streamer_client import main as ask_main
 
         return ask_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from streamer.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny-model":
         return make_tiny_model(args.dir, args.force)

@@ -238,17 +238,21 @@ def decode_greedy(
         base = p + int(delta.reshape(-1)[0])  # position of the first token after the prefix
         lengths = [len(r.suffix) for r in rows]
         width = max(lengths)
+        # Each row's question ends at the last column (padding, masked out, goes between the
+        # shared prefix and the question), so only the last position needs logits.
         suffix = torch.full((n, width), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((n, p + width), dtype=torch.long, device=device)
         mask[:, :p] = 1
         pos = torch.zeros((3, n, width), dtype=torch.long, device=device)
         for i, r in enumerate(rows):
-            suffix[i, : lengths[i]] = torch.tensor(r.suffix, device=device)
-            mask[i, p : p + lengths[i]] = 1
-            steps = torch.arange(width, device=device).clamp(max=lengths[i] - 1)
-            pos[:, i, :] = base + steps
-        out = model(input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        logits = out.logits[torch.arange(n, device=device), torch.tensor(lengths, device=device) - 1]
+            pad = width - lengths[i]
+            suffix[i, pad:] = torch.tensor(r.suffix, device=device)
+            mask[i, p + pad :] = 1
+            pos[:, i, :] = base + (torch.arange(width, device=device) - pad).clamp(min=0)
+        out = model(
+            input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1]
         next_pos = torch.tensor([base + length for length in lengths], device=device)
         step = 0
         while True:
@@ -271,6 +275,13 @@ def decode_greedy(
             )
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
             step_pos = (next_pos + step).view(1, n, 1).expand(3, n, 1)
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True)
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             logits = out.logits[:, -1]
             step += 1

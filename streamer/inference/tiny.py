@@ -88,7 +88,20 @@ _CORPUS = [
 ]
 
 
-def _tiny_config_dict(vocab_size: int, token_ids: dict[str, int]) -> dict:
+TINY_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+}
+TINY_VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 128, "mlp_ratio": 4, "num_heads": 4}
+
+
+def _config_dict(
+    vocab_size: int, token_ids: dict[str, int], text: dict, vision: dict, tie_word_embeddings: bool = False
+) -> dict:
     return {
         "model_type": "qwen2_vl",
         "architectures": ["Qwen2VLForConditionalGeneration"],
@@ -96,40 +109,36 @@ def _tiny_config_dict(vocab_size: int, token_ids: dict[str, int]) -> dict:
         "video_token_id": token_ids["<|video_pad|>"],
         "vision_start_token_id": token_ids["<|vision_start|>"],
         "vision_end_token_id": token_ids["<|vision_end|>"],
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "text_config": {
             "model_type": "qwen2_vl_text",
             "vocab_size": vocab_size,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
             "hidden_act": "silu",
             "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
             "bos_token_id": token_ids["<|endoftext|>"],
             "eos_token_id": token_ids["<|im_end|>"],
             "pad_token_id": token_ids["<|endoftext|>"],
+            **text,
         },
         "vision_config": {
             "model_type": "qwen2_vl_vision",
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 128,
-            "mlp_ratio": 4,
-            "num_heads": 4,
             "in_channels": 3,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
+            **vision,
         },
     }
 
 
-def _train_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE on the corpus and wrap it as a Qwen2 tokenizer."""
+def _train_tokenizer(vocab_size: int = 1024, pad_vocab_to: int | None = None):
+    """Train a byte-level BPE on the corpus and wrap it as a Qwen2 tokenizer.
+
+    ``pad_vocab_to`` fills the vocabulary with decodable filler tokens up to that size, so
+    the special tokens get Qwen2-VL's real ids (151643...) and every id a full-size random
+    model emits decodes to some text.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -143,9 +152,15 @@ def _train_tokenizer(vocab_size: int = 1024):
     )
     bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
     spec = json.loads(bpe.to_str())["model"]
+    vocab = dict(spec["vocab"])
+    if pad_vocab_to is not None:
+        i = 0
+        while len(vocab) < pad_vocab_to:
+            vocab.setdefault(f"Ġw{i:x}", len(vocab))  # "Ġ" is the byte-level space
+            i += 1
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
     tokenizer = Qwen2Tokenizer(
-        vocab=spec["vocab"],
+        vocab=vocab,
         merges=merges,
         unk_token=None,
         eos_token="<|im_end|>",
@@ -158,11 +173,20 @@ def _train_tokenizer(vocab_size: int = 1024):
     return tokenizer
 
 
-def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | None = None) -> Path:
-    """Build the tiny random Qwen2-VL into ``out_dir`` (created; must not hold another model).
-
-    Deterministic: the same seed and library versions give the same weights and tokenizer.
-    """
+def build_model_folder(
+    out_dir: str | Path,
+    *,
+    text: dict,
+    vision: dict,
+    seed: int,
+    marker: dict,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build a random-weight Qwen2-VL folder (config, weights, tokenizer, processor) that
+    ``from_pretrained`` loads like a downloaded one. ``vocab_size`` (e.g. Qwen2-VL's 151936)
+    pads the tokenizer and sizes the embeddings; None: the tokenizer's own size."""
     import torch
     from transformers import (
         Qwen2VLConfig,
@@ -176,14 +200,13 @@ def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    say("training the tiny byte-level BPE tokenizer")
-    tokenizer = _train_tokenizer()
+    say("training the byte-level BPE tokenizer")
+    tokenizer = _train_tokenizer(pad_vocab_to=None if vocab_size is None else 151643)
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = len(tokenizer)
 
-    say(f"initialising random weights (seed {TINY_MODEL_SEED})")
-    config = Qwen2VLConfig(**_tiny_config_dict(vocab_size, token_ids))
-    torch.manual_seed(TINY_MODEL_SEED)
+    say(f"initialising random weights (seed {seed})")
+    config = Qwen2VLConfig(**_config_dict(vocab_size or len(tokenizer), token_ids, text, vision, tie_word_embeddings))
+    torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = token_ids["<|im_end|>"]
     model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
@@ -198,18 +221,24 @@ def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | N
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "STREAMER_TINY_MODEL.json").write_text(
-        json.dumps(
-            {
-                "version": TINY_MODEL_VERSION,
-                "seed": TINY_MODEL_SEED,
-                "note": GIBBERISH_NOTE,
-                "parameters": sum(p.numel() for p in model.parameters()),
-            },
-            indent=2,
-        )
-    )
+    info = {**marker, "seed": seed, "parameters": sum(p.numel() for p in model.parameters())}
+    (out / "STREAMER_TINY_MODEL.json").write_text(json.dumps(info, indent=2))
     return out
+
+
+def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | None = None) -> Path:
+    """Build the tiny random Qwen2-VL into ``out_dir`` (created; must not hold another model).
+
+    Deterministic: the same seed and library versions give the same weights and tokenizer.
+    """
+    return build_model_folder(
+        out_dir,
+        text=TINY_TEXT,
+        vision=TINY_VISION,
+        seed=TINY_MODEL_SEED,
+        marker={"version": TINY_MODEL_VERSION, "note": GIBBERISH_NOTE},
+        progress=progress,
+    )
 
 
 def tiny_model_dir() -> Path:

@@ -52,6 +52,17 @@ class _RuntimeCollector(Collector):
         skipped.add_metric([], loop.skipped_rounds() if loop else 0)
         yield skipped
 
+        cache = getattr(self.runtime.engine, "vision_cache", None)
+        if cache is not None:
+            entries = GaugeMetricFamily("streamer_vision_cache_entries", "Frame pairs with cached embeddings")
+            entries.add_metric([], len(cache))
+            size = GaugeMetricFamily("streamer_vision_cache_bytes", "Memory of cached embeddings")
+            size.add_metric([], cache.bytes)
+            lookups = CounterMetricFamily("streamer_vision_cache_lookups", "Pair lookups", labels=["result"])
+            lookups.add_metric(["hit"], cache.hits)
+            lookups.add_metric(["miss"], cache.misses)
+            yield from (entries, size, lookups)
+
         memory = GaugeMetricFamily("streamer_model_memory_bytes", "Memory held by the model", labels=["kind"])
         for kind, value in self.runtime.model_memory().items():
             memory.add_metric([kind], value)
