@@ -123,7 +123,14 @@ class ModelConfig(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0)
     fast_path: bool = Field(default=True, description="reuse vision work and batch questions (greedy video only)")
     vision_cache_mb: int = Field(default=512, ge=0, le=65536, description="memory for cached frame-pair embeddings")
+    prewarm: bool = Field(default=True, description="encode and prefill new windows while no question waits")
+    prefix_cache_windows: int = Field(
+        default=4, ge=1, le=64, description="prefilled prompt prefixes kept (the newest windows)"
+    )
     max_batch: int = Field(default=8, ge=1, le=64, description="questions about one window decoded together")
+    batch_window_ms: float = Field(
+        default=20.0, ge=0, le=1000, description="how long a starting batch waits for more questions on its window"
+    )
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Settings for ``generate``; unset ones keep the model's own defaults."""

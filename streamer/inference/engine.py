@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ import torch
 from streamer.config import ModelConfig
 from streamer.inference.loader import LoadedModel
 from streamer.inference.video import processor_inputs
+
+if TYPE_CHECKING:
+    from streamer.inference.fastpath import Prefix, Window
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +160,7 @@ class TransformersEngine(Engine):
     """
 
     def __init__(self, loaded: LoadedModel, cfg: ModelConfig) -> None:
-        from streamer.inference.fastpath import VisionCache, VisionEncoder
+        from streamer.inference.fastpath import PrefixCache, VisionCache, VisionEncoder
 
         self.loaded = loaded
         self.cfg = cfg
@@ -165,6 +168,7 @@ class TransformersEngine(Engine):
         self.note = loaded.note
         self.vision_cache = VisionCache(cfg.vision_cache_mb * 2**20)
         self.vision = VisionEncoder(loaded.model, loaded.processor, self.vision_cache, cfg.min_pixels, cfg.max_pixels)
+        self.prefix_cache = PrefixCache(keep=cfg.prefix_cache_windows)
         tok = loaded.processor.tokenizer
         self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
         self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -223,9 +227,35 @@ class TransformersEngine(Engine):
         return [self._generate_plain(r, t, s) for r, t, s in zip(requests, on_texts, should_stops, strict=True)]
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]) -> bool:
+        """Encode the newest window's missing pairs one by one, then prefill its prompt prefix."""
         if not self.cfg.fast_path:
             return False
-        return self.vision.warm(stream, frames, ids)
+        if self.vision.warm(stream, frames, ids):
+            return True
+        n = len(frames) - len(frames) % 2
+        if n < 2:
+            return False
+        window = self.vision.window(stream, frames[-n:], ids[-n:])
+        if window is None or self._prefix_key(window) in self.prefix_cache:
+            return False
+        self._prefix_of(window)
+        return True
+
+    def _prefix_key(self, window: Window) -> Hashable:
+        return (window.keys, self.cfg.system_prompt)
+
+    def _prefix_of(self, window: Window) -> Prefix:
+        """The prefilled shared prefix of ``window``'s prompt (cached for recent windows)."""
+        from streamer.inference.fastpath import prefill_prefix, split_prompt
+
+        key = self._prefix_key(window)
+        prefix = self.prefix_cache.get(key)
+        if prefix is None:
+            head, _ = split_prompt(self._prompt_ids("?", window.embeds.shape[0]), self._vision_end)
+            embeds = window.embeds.to(self.loaded.dtype)
+            prefix = prefill_prefix(self.loaded.model, head, embeds, window.grid, self._video_pad)
+            self.prefix_cache.put(key, prefix)
+        return prefix
 
     def _prompt_ids(self, question: str, video_tokens: int) -> list[int]:
         from streamer.inference.video import chat_messages
@@ -251,28 +281,14 @@ class TransformersEngine(Engine):
         window = self.vision.window(first.stream, first.frames, first.frame_ids)
         if window is None:
             return None
-        embeds, grid, _ = window
-        embeds = embeds.to(self.loaded.dtype)
         tokenizer = self.loaded.processor.tokenizer
-        rows, decoders, prefix = [], [], None
+        rows, decoders = [], []
         for request, on_text, should_stop in zip(requests, on_texts, should_stops, strict=True):
-            head, suffix = split_prompt(self._prompt_ids(request.question, embeds.shape[0]), self._vision_end)
-            if prefix is None:
-                prefix = head
+            _, suffix = split_prompt(self._prompt_ids(request.question, window.embeds.shape[0]), self._vision_end)
             decoder = IncrementalDecoder(tokenizer, on_text)
             decoders.append(decoder)
             rows.append(Row(suffix, request.max_new_tokens, lambda t, d=decoder: d.add([t]), should_stop, []))
-        assert prefix is not None
-        decode_greedy(
-            self.loaded.model,
-            prefix,
-            embeds,
-            grid,
-            rows,
-            video_token_id=self._video_pad,
-            eos_ids=self._eos,
-            pad_id=self._pad,
-        )
+        decode_greedy(self.loaded.model, self._prefix_of(window), rows, eos_ids=self._eos, pad_id=self._pad)
         return [
             GenerationResult(text=d.finish(), token_ids=r.tokens, stopped=r.stopped, first_token_at=r.first_token_at)
             for r, d in zip(rows, decoders, strict=True)

@@ -97,6 +97,17 @@ def window_pairs(seqs: Sequence[Hashable]) -> list[tuple[int, int]] | None:
     return [(i, i + 1) for i in range(0, len(seqs), 2)]
 
 
+@dataclass(frozen=True)
+class Window:
+    """A window's video embeddings, ``video_grid_thw``, how many pairs were computed for it,
+    and the keys of its pairs (the window's identity)."""
+
+    embeds: torch.Tensor
+    grid: torch.Tensor
+    computed: int
+    keys: tuple[PairKey, ...]
+
+
 class VisionEncoder:
     """Computes and caches per-pair embeddings with the model's own processor and tower."""
 
@@ -128,9 +139,7 @@ class VisionEncoder:
             out = self.model.model.get_video_features(pixels, grid)
         return out.pooler_output[0], grid
 
-    def window(
-        self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]
-    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def window(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> Window | None:
         """Embeddings and ``video_grid_thw`` of a whole window from cached pairs (computing
         the missing ones), and how many pairs had to be computed; None if the window cannot
         be assembled from pairs exactly."""
@@ -138,19 +147,20 @@ class VisionEncoder:
         shape = self.clip_shape(frames[-1], len(frames)) if pairs else None
         if pairs is None or shape is None:
             return None
-        parts, computed, grid = [], 0, None
+        parts, keys, computed = [], [], 0
         for a, b in pairs:
             key = PairKey(stream, seqs[a], seqs[b], *shape)
             emb = self.cache.get(key)
             if emb is None:
-                emb, grid = self.encode_pair([frames[a], frames[b]])
+                emb, _ = self.encode_pair([frames[a], frames[b]])
                 self.cache.put(key, emb)
                 computed += 1
             parts.append(emb)
+            keys.append(key)
         h, w = shape
         patch = 14
         grid = torch.tensor([[len(pairs), h // patch, w // patch]], device=parts[0].device)
-        return torch.cat(parts), grid, computed
+        return Window(torch.cat(parts), grid, computed, tuple(keys))
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> bool:
         """Encode one missing pair of the window ending at the newest frame; True if it did."""
@@ -190,29 +200,57 @@ def split_prompt(ids: list[int], vision_end_id: int) -> tuple[list[int], list[in
     return ids[:cut], ids[cut:]
 
 
-def decode_greedy(
-    model: Any,
-    prefix: list[int],
-    video_embeds: torch.Tensor,
-    video_grid_thw: torch.Tensor,
-    rows: list[Row],
-    *,
-    video_token_id: int,
-    eos_ids: set[int],
-    pad_id: int,
-) -> None:
-    """Greedy-decode every row's answer, sharing one prefill of ``prefix``.
+@dataclass
+class Prefix:
+    """The KV cache after a shared prompt prefix, and the M-RoPE offset of what follows."""
 
-    Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, with the
-    positions Qwen2-VL would give it alone (padding between rows is masked out), so its
-    greedy tokens equal the single-question ``generate``'s. Tokens are appended to
-    ``row.tokens`` and reported through ``row.on_token`` as they are decided.
-    """
+    length: int
+    cache: Any
+    delta: int
+
+
+class PrefixCache:
+    """Prefills of recent windows (the newest ``keep``), so a question about a window the
+    loop has already seen skips straight to its own tokens."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.hits = 0
+        self._items: OrderedDict[Hashable, Prefix] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Prefix | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self.hits += 1
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: Hashable, prefix: Prefix) -> None:
+        with self._lock:
+            self._items[key] = prefix
+            self._items.move_to_end(key)
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def prefill_prefix(
+    model: Any, prefix: list[int], video_embeds: torch.Tensor, video_grid_thw: torch.Tensor, video_token_id: int
+) -> Prefix:
+    """Run the shared prefix (system prompt, video, ``<|vision_end|>``) through the model."""
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     device = model.device
-    n = len(rows)
     prefix_ids = torch.tensor([prefix], device=device)
     token_types = (prefix_ids == video_token_id).to(torch.int) * 2
     ones = torch.ones_like(prefix_ids)
@@ -232,10 +270,34 @@ def decode_greedy(
             use_cache=True,
             logits_to_keep=1,
         )
+    return Prefix(length=len(prefix), cache=cache, delta=int(delta.reshape(-1)[0]))
+
+
+def decode_greedy(
+    model: Any,
+    prefix: Prefix,
+    rows: list[Row],
+    *,
+    eos_ids: set[int],
+    pad_id: int,
+) -> None:
+    """Greedy-decode every row's answer after the shared ``prefix`` (left untouched).
+
+    Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, with the
+    positions Qwen2-VL would give it alone (padding between rows is masked out), so its
+    greedy tokens equal the single-question ``generate``'s. Tokens are appended to
+    ``row.tokens`` and reported through ``row.on_token`` as they are decided.
+    """
+    import copy
+
+    device = model.device
+    n = len(rows)
+    with torch.inference_mode():
+        cache = copy.deepcopy(prefix.cache)
         if n > 1:
             cache.batch_repeat_interleave(n)
-        p = len(prefix)
-        base = p + int(delta.reshape(-1)[0])  # position of the first token after the prefix
+        p = prefix.length
+        base = p + prefix.delta  # position of the first token after the prefix
         lengths = [len(r.suffix) for r in rows]
         width = max(lengths)
         # Each row's question ends at the last column (padding, masked out, goes between the

@@ -224,15 +224,18 @@ class InferenceLoop:
         *,
         queue_size: int,
         max_batch: int = 1,
+        batch_window_s: float = 0.0,
         warm_frames: int = 0,
     ) -> None:
         """``max_batch``: questions about the same window answered together (people's asks
-        and watch rounds alike). ``warm_frames``: when idle, let the engine prepare the
-        window of that many newest frames of each stream (0: never)."""
+        and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for
+        questions arriving at nearly the same time. ``warm_frames``: when idle, let the engine
+        prepare the window of that many newest frames of each stream (0: never)."""
         self.engine = engine
         self.streams = dict(streams)
         self.queue_size = queue_size
         self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
         self.warm_frames = warm_frames
         self._queue = FairQueue()
         self._watches: list[Watch] = []
@@ -455,6 +458,16 @@ class InferenceLoop:
                     if self.warm_frames:
                         break  # idle: prepare the streams' windows instead of waiting
                     self._lock.wait(wait)
+                if self._queue and self.max_batch > 1:
+                    # Questions sent "together" arrive a few milliseconds apart: let them in.
+                    deadline = time.monotonic() + self.batch_window_s
+                    while len(self._queue) < self.max_batch and not self._stopping:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._lock.wait(left)
+                    if self._stopping:
+                        return
                 batch = self._take_batch() if self._queue else []
                 self._running = batch
             if not batch:

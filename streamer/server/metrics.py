@@ -62,6 +62,11 @@ class _RuntimeCollector(Collector):
             lookups.add_metric(["hit"], cache.hits)
             lookups.add_metric(["miss"], cache.misses)
             yield from (entries, size, lookups)
+        prefixes = getattr(self.runtime.engine, "prefix_cache", None)
+        if prefixes is not None:
+            count = GaugeMetricFamily("streamer_prefix_cache_entries", "Windows with a prefilled prompt prefix")
+            count.add_metric([], len(prefixes))
+            yield count
 
         memory = GaugeMetricFamily("streamer_model_memory_bytes", "Memory held by the model", labels=["kind"])
         for kind, value in self.runtime.model_memory().items():

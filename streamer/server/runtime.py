@@ -53,7 +53,8 @@ class Runtime:
             feeds,
             queue_size=self.settings.server.queue_size,
             max_batch=model.max_batch if model.fast_path else 1,
-            warm_frames=model.frames if model.fast_path else 0,
+            batch_window_s=model.batch_window_ms / 1000,
+            warm_frames=model.frames if model.fast_path and model.prewarm else 0,
         )
         self.loop.start()
 
