@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
 from streamer.inference.engine import GenerationRequest, TransformersEngine
-from streamer.inference.fastpath import PairKey, VisionCache
+from streamer.inference.fastpath import PairEmbedding, PairKey, VisionCache
 from streamer.inference.loader import load_model
 from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed
 from tests.test_inference_loop import RecordingSink
@@ -94,11 +94,11 @@ def test_stopping_one_row_leaves_the_others(engine: TransformersEngine) -> None:
 
 
 def test_cache_stays_within_its_bound_over_a_long_run() -> None:
-    pair = torch.zeros(256, 128)
+    pair = PairEmbedding(torch.zeros(256, 128), 24, 32)
     size = pair.numel() * pair.element_size()
     cache = VisionCache(max_bytes=10 * size)
     for k in range(500):
-        cache.put(PairKey("s", k, k + 1, 336, 448), torch.zeros(256, 128))
+        cache.put(PairKey("s", k, k + 1, 336, 448), PairEmbedding(torch.zeros(256, 128), 24, 32))
         assert cache.bytes <= cache.max_bytes
     assert len(cache) == 10 and cache.bytes == 10 * size
     assert cache.get(PairKey("s", 499, 500, 336, 448)) is not None  # newest kept
@@ -143,3 +143,15 @@ def test_idle_loop_encodes_the_window_before_anyone_asks(engine: TransformersEng
     assert engine.vision_cache.misses == misses
     assert engine.prefix_cache.hits >= 1  # the idle loop had prefilled the prompt prefix too
     assert sink.finals() == {"q0": ["answer"], "q1": ["answer"], "q2": ["answer"]}
+
+
+def test_fast_path_matches_when_the_processor_resizes_again(tiny_model: Path) -> None:
+    """min_pixels == max_pixels on wide frames: the processor's own resize decides the grid."""
+    cfg = ModelConfig(id=str(tiny_model), min_pixels=128 * 28 * 28, max_pixels=128 * 28 * 28)
+    engine = TransformersEngine(load_model(cfg), cfg)
+    frames = _frames(4, seed=7, size=(720, 1280))
+    request = _request(frames, "What is moving?", 12)
+    plain = engine._generate_plain(request, lambda t: None, lambda: False)
+    fast = engine.generate(request, lambda t: None, lambda: False)
+    assert engine.vision_cache.misses > 0  # it did take the fast path
+    assert fast.token_ids == plain.token_ids

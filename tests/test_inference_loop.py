@@ -233,3 +233,29 @@ def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: Transformer
     assert kinds[0] == "watch_accepted" and kinds[-1] == "watch_end"
     assert sink.events[-1][2] == "shutting_down"
     assert kinds.count("watch_end") == 1
+
+
+def test_a_failing_warm_up_does_not_stop_the_loop(engine: TransformersEngine) -> None:
+    class WarmFails(Engine):
+        note = None
+        model_id = "x"
+        warm_calls = 0
+
+        def warm(self, stream, frames, ids) -> bool:
+            WarmFails.warm_calls += 1
+            raise RuntimeError("simulated failure while warming")
+
+        def generate(self, request, on_text, should_stop):
+            return engine.generate(request, on_text, should_stop)
+
+    loop = InferenceLoop(WarmFails(), {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=4, warm_frames=4)  # type: ignore[arg-type]
+    loop.start()
+    sink = RecordingSink()
+    try:
+        time.sleep(0.5)
+        loop.submit(_question("after-warm-failure", sink))
+        sink.wait_finals(1)
+    finally:
+        loop.stop()
+    assert WarmFails.warm_calls == 1  # failed once, then paused instead of spinning
+    assert sink.finals() == {"after-warm-failure": ["answer"]}

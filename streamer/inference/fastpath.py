@@ -34,6 +34,21 @@ from streamer.inference.video import TEMPORAL_PATCH, clip_size, frame_size, vide
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PairEmbedding:
+    """A pair's vision embeddings (tokens x hidden) and its grid (height, width in patches)."""
+
+    embeds: torch.Tensor
+    grid_h: int
+    grid_w: int
+
+    def numel(self) -> int:
+        return self.embeds.numel()
+
+    def element_size(self) -> int:
+        return self.embeds.element_size()
+
+
 class VisionCache:
     """Embeddings of frame pairs, least recently used evicted first, bounded in bytes."""
 
@@ -42,10 +57,10 @@ class VisionCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Hashable, PairEmbedding] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> torch.Tensor | None:
+    def get(self, key: Hashable) -> PairEmbedding | None:
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -59,7 +74,7 @@ class VisionCache:
         with self._lock:
             return key in self._items
 
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
+    def put(self, key: Hashable, value: PairEmbedding) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
@@ -127,8 +142,8 @@ class VisionEncoder:
             return None
         return size
 
-    def encode_pair(self, frames: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (tokens x hidden) and grid (1, 3) of two frames."""
+    def encode_pair(self, frames: Sequence[np.ndarray]) -> PairEmbedding:
+        """Embeddings of two frames, with the grid the processor gave them."""
         clip = video_tensor(frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
         batch = self.processor.video_processor(videos=[clip], size=size, do_sample_frames=False, return_tensors="pt")
@@ -137,7 +152,8 @@ class VisionEncoder:
         grid = batch["video_grid_thw"].to(device)
         with torch.inference_mode():
             out = self.model.model.get_video_features(pixels, grid)
-        return out.pooler_output[0], grid
+        _, grid_h, grid_w = (int(v) for v in grid[0])
+        return PairEmbedding(out.pooler_output[0], grid_h, grid_w)
 
     def window(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> Window | None:
         """Embeddings and ``video_grid_thw`` of a whole window from cached pairs (computing
@@ -147,20 +163,20 @@ class VisionEncoder:
         shape = self.clip_shape(frames[-1], len(frames)) if pairs else None
         if pairs is None or shape is None:
             return None
-        parts, keys, computed = [], [], 0
+        parts: list[PairEmbedding] = []
+        keys, computed = [], 0
         for a, b in pairs:
             key = PairKey(stream, seqs[a], seqs[b], *shape)
             emb = self.cache.get(key)
             if emb is None:
-                emb, _ = self.encode_pair([frames[a], frames[b]])
+                emb = self.encode_pair([frames[a], frames[b]])
                 self.cache.put(key, emb)
                 computed += 1
             parts.append(emb)
             keys.append(key)
-        h, w = shape
-        patch = 14
-        grid = torch.tensor([[len(pairs), h // patch, w // patch]], device=parts[0].device)
-        return Window(torch.cat(parts), grid, computed, tuple(keys))
+        embeds = torch.cat([p.embeds for p in parts])
+        grid = torch.tensor([[len(pairs), parts[0].grid_h, parts[0].grid_w]], device=embeds.device)
+        return Window(embeds, grid, computed, tuple(keys))
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> bool:
         """Encode one missing pair of the window ending at the newest frame; True if it did."""
@@ -174,8 +190,7 @@ class VisionEncoder:
         for a in range(n - 2, -1, -2):  # newest pair first: the next question needs it most
             key = PairKey(stream, seqs[a], seqs[a + 1], *shape)
             if key not in self.cache:
-                emb, _ = self.encode_pair([frames[a], frames[a + 1]])
-                self.cache.put(key, emb)
+                self.cache.put(key, self.encode_pair([frames[a], frames[a + 1]]))
                 return True
         return False
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How often an idle loop with warming enabled looks for new frames, seconds.
 WARM_POLL_S = 0.2
+#: How long warming pauses after it failed, seconds.
+WARM_PAUSE_S = 30.0
 
 ErrorCode = Literal[
     "unknown_stream", "stream_unavailable", "busy", "cancelled", "superseded", "internal", "shutting_down"
@@ -237,6 +239,7 @@ class InferenceLoop:
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.warm_frames = warm_frames
+        self._warm_paused_until = 0.0
         self._queue = FairQueue()
         self._watches: list[Watch] = []
         self._running: list[Question] = []
@@ -500,11 +503,18 @@ class InferenceLoop:
         return batch
 
     def _warm(self) -> bool:
-        """One piece of work ahead of questions; True if the engine had some."""
-        for name, feed in self.streams.items():
-            frames = window_of(feed.ring, self.warm_frames)
-            if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
-                return True
+        """One piece of work ahead of questions; True if the engine had some. A failure here
+        is logged and warming pauses for a while; questions are not affected."""
+        if time.monotonic() < self._warm_paused_until:
+            return False
+        try:
+            for name, feed in self.streams.items():
+                frames = window_of(feed.ring, self.warm_frames)
+                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                    return True
+        except Exception:
+            log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
+            self._warm_paused_until = time.monotonic() + WARM_PAUSE_S
         return False
 
     def _answer(self, batch: list[Question]) -> None:
