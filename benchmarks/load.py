@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,37 +25,10 @@ from pathlib import Path
 import numpy as np
 import websockets
 
+from streamer.bench import start_server
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_ERRORS = {"busy", "rate_limited"}
-
-
-def start_server(log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamer.cli",
-            "serve",
-            "--config",
-            str(ROOT / "configs/demo.yaml"),
-            "--port",
-            "0",
-            *extra,
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        m = re.search(r"is serving on (ws://\S+/ws)", log.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     log = Path(tempfile.mkdtemp()) / "server.log"
     # Generous per-connection limits: the benchmark measures the server, not its rate limiter.
-    proc, url = start_server(log, [])
+    proc, url, _ = start_server(ROOT / "configs" / "demo.yaml", log)
     try:
         stats = asyncio.run(run(url, args, proc.pid))
     finally:

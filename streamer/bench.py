@@ -172,13 +172,14 @@ class _FirstToken:
         pass
 
 
-def reference_answer(model: Any, processor: Any, frames: list[np.ndarray], question: str, sc: Scenario, cfg: Any):
-    """One question through the seed's pipeline; (text, ttft_s, total_s)."""
-    import torch
+def reference_inputs(
+    processor: Any, frames: list[np.ndarray], question: str, *, min_pixels: int, max_pixels: int, fps: float = 2.0
+) -> Any:
+    """The seed's pipeline up to ``generate``: qwen-vl-utils' ``process_vision_info`` on the
+    frames, then the processor, with the keyword arguments qwen-vl-utils hands back."""
     from PIL import Image
     from qwen_vl_utils import process_vision_info
 
-    started = time.perf_counter()
     messages = [
         {
             "role": "user",
@@ -186,9 +187,9 @@ def reference_answer(model: Any, processor: Any, frames: list[np.ndarray], quest
                 {
                     "type": "video",
                     "video": [Image.fromarray(f) for f in frames],
-                    "min_pixels": cfg.min_pixels,
-                    "max_pixels": cfg.max_pixels,
-                    "sample_fps": 2.0,
+                    "min_pixels": min_pixels,
+                    "max_pixels": max_pixels,
+                    "sample_fps": fps,
                 },
                 {"type": "text", "text": question},
             ],
@@ -196,7 +197,22 @@ def reference_answer(model: Any, processor: Any, frames: list[np.ndarray], quest
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     _, videos, kwargs = process_vision_info(messages, return_video_kwargs=True)
-    inputs = processor(text=[text], videos=videos, fps=kwargs["fps"][0], do_sample_frames=False, return_tensors="pt")
+    return processor(
+        text=[text],
+        videos=videos,
+        fps=kwargs["fps"][0],
+        do_sample_frames=kwargs["do_sample_frames"],
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        return_tensors="pt",
+    )
+
+
+def reference_answer(model: Any, processor: Any, frames: list[np.ndarray], question: str, sc: Scenario, cfg: Any):
+    """One question through the seed's pipeline; (text, ttft_s, total_s)."""
+    import torch
+
+    started = time.perf_counter()
+    inputs = reference_inputs(processor, frames, question, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     first = _FirstToken()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=sc.new_tokens, do_sample=False, streamer=first)

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 import websockets
-from PIL import Image
-from qwen_vl_utils import process_vision_info
 
+from streamer.bench import reference_inputs
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
@@ -299,35 +298,23 @@ def test_people_go_before_watch_rounds_and_streams_take_turns() -> None:
 def test_greedy_tokens_equal_the_reference_pipeline(tiny_engine: TransformersEngine) -> None:
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, (336, 448, 3), dtype=np.uint8) for _ in range(8)]
-    result = tiny_engine.generate(
-        GenerationRequest(frames=frames, question="What is moving?", max_new_tokens=24, sample_fps=2.0),
-        on_text=lambda piece: None,
-        should_stop=lambda: False,
-    )
-    loaded = tiny_engine.loaded
-    cfg = tiny_engine.cfg
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {
-                    "type": "video",
-                    "video": [Image.fromarray(f) for f in frames],
-                    "min_pixels": cfg.min_pixels,
-                    "max_pixels": cfg.max_pixels,
-                    "sample_fps": 2.0,
-                },
-                {"type": "text", "text": "What is moving?"},
-            ],
-        }
-    ]
-    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    _, videos, kwargs = process_vision_info(messages, return_video_kwargs=True)
-    inputs = loaded.processor(
-        text=[text], videos=videos, fps=kwargs["fps"][0], do_sample_frames=False, return_tensors="pt"
+    loaded, cfg = tiny_engine.loaded, tiny_engine.cfg
+    inputs = reference_inputs(
+        loaded.processor, frames, "What is moving?", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
     )
     with torch.inference_mode():
         out = loaded.model.generate(**inputs, max_new_tokens=24, do_sample=False)
     reference = out[0, inputs["input_ids"].shape[1] :].tolist()
-    assert result.token_ids == reference
     assert len(reference) > 0
+    plain = GenerationRequest(frames=frames, question="What is moving?", max_new_tokens=24, sample_fps=2.0)
+    fast = GenerationRequest(
+        frames=frames,
+        question="What is moving?",
+        max_new_tokens=24,
+        sample_fps=2.0,
+        stream="reference-test",
+        frame_ids=tuple(("reference-test", i) for i in range(8)),
+    )
+    for request in (plain, fast):  # the processor + generate path, and the cached, batched one
+        result = tiny_engine.generate(request, on_text=lambda piece: None, should_stop=lambda: False)
+        assert result.token_ids == reference

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from qwen_vl_utils import process_vision_info
 from transformers import AutoProcessor
 
+from streamer.bench import reference_inputs
 from streamer.inference.video import chat_messages, processor_inputs
 
 VIDEO_MIN, VIDEO_MAX = 128 * 28 * 28, 768 * 28 * 28
@@ -22,31 +21,7 @@ def processor(tiny_model: Path):
 
 
 def _reference(processor, frames: list[np.ndarray], question: str, min_pixels: int, max_pixels: int, fps: float):
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {
-                    "type": "video",
-                    "video": [Image.fromarray(f) for f in frames],
-                    "min_pixels": min_pixels,
-                    "max_pixels": max_pixels,
-                    "sample_fps": fps,
-                },
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    _, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
-    return processor(
-        text=[text],
-        videos=videos,
-        fps=video_kwargs["fps"][0],
-        do_sample_frames=video_kwargs["do_sample_frames"],
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        return_tensors="pt",
-    )
+    return reference_inputs(processor, frames, question, min_pixels=min_pixels, max_pixels=max_pixels, fps=fps)
 
 
 @pytest.mark.parametrize(
