@@ -116,6 +116,7 @@ def test_silent_camera_times_out_with_growing_backoff_without_blocking_others() 
         stop.set()
         silent.stop()
         demo.stop()
+        acceptor.join(5)  # before the listener closes under it
         for conn in accepted:
             conn.close()
         listener.close()
