@@ -27,13 +27,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
 import numpy as np
 
+from streamer.capture.recording import write_video
 from streamer.config import cache_dir
 
 # Qwen2-VL-2B-Instruct's shape (config.json on the Hub).
@@ -131,25 +131,6 @@ def bench_frames(n: int, side: int) -> list[np.ndarray]:
         noise = rng.integers(-8, 9, img.shape)
         frames.append(np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8))
     return frames
-
-
-def write_lossless(frames: list[np.ndarray], path: Path, fps: int = 2) -> Path:
-    """The frames as an FFV1 (lossless RGB) video: the server decodes exactly these pixels."""
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("ffv1", rate=fps)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "bgr0"
-        stream.time_base = Fraction(1, fps)
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="bgr0")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 # -- (a) the reference pipeline ------------------------------------------------------------
@@ -305,7 +286,8 @@ def run(sc: Scenario, prewarm: bool = True) -> dict[str, Any]:
 
     gc.collect()
 
-    video = write_lossless(frames, workdir / "bench.mkv")
+    # FFV1 in RGB is lossless: the server decodes exactly the reference's pixels.
+    video = write_video(workdir / "bench.mkv", frames, codec="ffv1", pix_fmt="bgr0", fps=2)
     config = workdir / "bench.yaml"
     config.write_text(
         json.dumps(

@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import time
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from streamer.capture import CaptureThread, TimestampSampler, mask_url
+from streamer.capture.recording import write_video
 from streamer.capture.sources import fit_within
 from streamer.config import SourceConfig
 
 
 def write_test_video(path: Path, *, seconds: float, fps: int, size: tuple[int, int] = (160, 120)) -> Path:
-    """An H.264 file whose frame i is filled with the grey level i (to check order)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        for i in range(int(seconds * fps)):
-            rgb = np.full((size[1], size[0], 3), (i * 8) % 256, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """An H.264 file whose frame i is filled with the grey level 8 i (to check order)."""
+    frames = (np.full((size[1], size[0], 3), (i * 8) % 256, dtype=np.uint8) for i in range(int(seconds * fps)))
+    return write_video(path, frames, fps=fps)
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:

@@ -7,16 +7,15 @@ import asyncio
 import random
 import time
 from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 import websockets
 
 from streamer.bench import reference_inputs
+from streamer.capture.recording import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
@@ -93,18 +92,7 @@ def _still_video(path: Path, seconds: int = 4, fps: int = 10) -> Path:
     rgb = np.zeros((240, 320, 3), np.uint8)
     rgb[:, :160] = (200, 30, 30)
     rgb[60:180, 200:280] = (30, 200, 30)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mjpeg", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuvj420p"
-        stream.time_base = Fraction(1, fps)
-        for i in range(seconds * fps):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return write_video(path, [rgb] * (seconds * fps), codec="mjpeg", pix_fmt="yuvj420p", fps=fps)
 
 
 async def test_watch_alerts_when_the_answer_matches(tiny_model: Path, tmp_path: Path) -> None:

@@ -8,14 +8,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from streamer.capture import CaptureThread, StreamStatus
+from streamer.capture.recording import write_video
 from streamer.capture.sources import OpenCVSource
 from streamer.config import SourceConfig
 from tests.rtsp import RtspServer, require_gstreamer
@@ -143,19 +142,8 @@ def test_credentials_never_reach_status_or_logs(caplog: pytest.LogCaptureFixture
 
 
 def _h264_ts(path: Path, size: tuple[int, int], frames: int, first_pts: int) -> bytes:
-    with av.open(str(path), "w", format="mpegts") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, 10)
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 100, np.uint8), format="rgb24")
-            frame.pts = first_pts + i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path.read_bytes()
+    grey = np.full((size[1], size[0], 3), 100, np.uint8)
+    return write_video(path, [grey] * frames, container_format="mpegts", first_pts=first_pts).read_bytes()
 
 
 def test_resolution_change_mid_stream_is_logged_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
