@@ -169,6 +169,8 @@ class TransformersEngine(Engine):
         self.vision_cache = VisionCache(cfg.vision_cache_mb * 2**20)
         self.vision = VisionEncoder(loaded.model, loaded.processor, self.vision_cache, cfg.min_pixels, cfg.max_pixels)
         self.prefix_cache = PrefixCache(keep=cfg.prefix_cache_windows)
+        self._window_seen: dict[str, tuple[Hashable, float]] = {}  # newest window per stream, since when
+        self._last_prefill_s = 0.0
         tok = loaded.processor.tokenizer
         self._video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
         self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -238,7 +240,19 @@ class TransformersEngine(Engine):
         window = self.vision.window(stream, frames[-n:], ids[-n:])
         if window is None or self._prefix_key(window) in self.prefix_cache:
             return False
+        # A prefill is only worth doing ahead if the window will still be the newest when it
+        # is done: on a CPU a live stream slides faster than the model prefills, and a
+        # question would then wait behind work it cannot use.
+        now = time.monotonic()
+        seen_keys, since = self._window_seen.get(stream, (None, now))
+        if seen_keys != window.keys:
+            self._window_seen[stream] = (window.keys, now)
+            since = now
+        if now - since < self._last_prefill_s:
+            return False
+        started = time.monotonic()
         self._prefix_of(window)
+        self._last_prefill_s = time.monotonic() - started
         return True
 
     def _prefix_key(self, window: Window) -> Hashable:
