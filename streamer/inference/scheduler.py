@@ -188,15 +188,15 @@ class FairQueue:
     def remove(self, q: Question) -> None:
         self.items.remove(q)
 
-    def _rank(self, q: Question, served_stream: dict, served_owner: dict) -> tuple:
+    def _rank(self, q: Question) -> tuple:
         return (
             q.watch is not None,  # people first
-            served_stream.get(q.stream, -1),  # then the stream served least recently
-            served_owner.get((q.stream, q.owner), -1),  # then the owner served least recently
+            self._served_stream.get(q.stream, -1),  # then the stream served least recently
+            self._served_owner.get((q.stream, q.owner), -1),  # then the owner served least recently
         )  # min() keeps arrival order among equals
 
     def pop(self) -> Question:
-        q = min(self.items, key=lambda x: self._rank(x, self._served_stream, self._served_owner))
+        q = min(self.items, key=self._rank)
         self.items.remove(q)
         self._tick += 1
         self._served_stream[q.stream] = self._tick
@@ -204,18 +204,16 @@ class FairQueue:
         return q
 
     def position(self, q: Question) -> int:
-        """How many waiting questions go before ``q`` if nothing else arrives."""
-        served_stream, served_owner = dict(self._served_stream), dict(self._served_owner)
-        items, tick = list(self.items), self._tick
-        for ahead in range(len(items)):
-            nxt = min(items, key=lambda x: self._rank(x, served_stream, served_owner))
-            if nxt is q:
-                return ahead
-            items.remove(nxt)
-            tick += 1
-            served_stream[nxt.stream] = tick
-            served_owner[(nxt.stream, nxt.owner)] = tick
-        return len(items)
+        """How many waiting questions go before ``q`` (which is waiting) if nothing else arrives."""
+        trial = FairQueue()
+        trial.items = list(self.items)
+        trial._served_stream = dict(self._served_stream)
+        trial._served_owner = dict(self._served_owner)
+        trial._tick = self._tick
+        ahead = 0
+        while trial.pop() is not q:
+            ahead += 1
+        return ahead
 
 
 class InferenceLoop:
