@@ -232,37 +232,41 @@ class TransformersEngine(Engine):
         """Encode the newest window's missing pairs one by one, then prefill its prompt prefix."""
         if not self.cfg.fast_path:
             return False
+        n = len(frames) - len(frames) % 2
+        frames, ids = frames[-n:], ids[-n:]
         if self.vision.warm(stream, frames, ids):
             return True
-        n = len(frames) - len(frames) % 2
-        if n < 2:
+        pairs = self.vision.pair_keys(stream, frames, ids)
+        if pairs is None:
             return False
-        window = self.vision.window(stream, frames[-n:], ids[-n:])
-        if window is None or self._prefix_key(window) in self.prefix_cache:
+        keys = tuple(key for _, key in pairs)
+        if self._prefix_key(keys) in self.prefix_cache:
             return False
         # A prefill is only worth doing ahead if the window will still be the newest when it
         # is done: on a CPU a live stream slides faster than the model prefills, and a
         # question would then wait behind work it cannot use.
         now = time.monotonic()
         seen_keys, since = self._window_seen.get(stream, (None, now))
-        if seen_keys != window.keys:
-            self._window_seen[stream] = (window.keys, now)
+        if seen_keys != keys:
+            self._window_seen[stream] = (keys, now)
             since = now
         if now - since < self._last_prefill_s:
             return False
+        window = self.vision.window(stream, frames, ids)
+        assert window is not None  # its pairs are all cached
         started = time.monotonic()
         self._prefix_of(window)
         self._last_prefill_s = time.monotonic() - started
         return True
 
-    def _prefix_key(self, window: Window) -> Hashable:
-        return (window.keys, self.cfg.system_prompt)
+    def _prefix_key(self, pair_keys: tuple[Hashable, ...]) -> Hashable:
+        return (pair_keys, self.cfg.system_prompt)
 
     def _prefix_of(self, window: Window) -> Prefix:
         """The prefilled shared prefix of ``window``'s prompt (cached for recent windows)."""
         from streamer.inference.fastpath import prefill_prefix, split_prompt
 
-        key = self._prefix_key(window)
+        key = self._prefix_key(window.keys)
         prefix = self.prefix_cache.get(key)
         if prefix is None:
             head, _ = split_prompt(self._prompt_ids("?", window.embeds.shape[0]), self._vision_end)

@@ -104,14 +104,6 @@ class PairKey:
     width: int
 
 
-def window_pairs(seqs: Sequence[Hashable]) -> list[tuple[int, int]] | None:
-    """Index pairs of a window, paired from the newest frame backwards; None when the
-    window has an odd length (its padded pair cannot come from the cache)."""
-    if len(seqs) % TEMPORAL_PATCH:
-        return None
-    return [(i, i + 1) for i in range(0, len(seqs), 2)]
-
-
 @dataclass(frozen=True)
 class Window:
     """A window's video embeddings, ``video_grid_thw``, how many pairs were computed for it,
@@ -155,40 +147,43 @@ class VisionEncoder:
         _, grid_h, grid_w = (int(v) for v in grid[0])
         return PairEmbedding(out.pooler_output[0], grid_h, grid_w)
 
-    def window(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> Window | None:
+    def pair_keys(
+        self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]
+    ) -> list[tuple[int, PairKey]] | None:
+        """The first frame's index and the key of each pair of a window, paired so that the
+        last pair ends with the newest frame; None when the window cannot be assembled from
+        cached pairs exactly (odd length, or a size that depends on the window length)."""
+        if not frames or len(frames) % TEMPORAL_PATCH:
+            return None
+        shape = self.clip_shape(frames[-1], len(frames))
+        if shape is None:
+            return None
+        return [(a, PairKey(stream, ids[a], ids[a + 1], *shape)) for a in range(0, len(frames), TEMPORAL_PATCH)]
+
+    def window(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]) -> Window | None:
         """Embeddings and ``video_grid_thw`` of a whole window from cached pairs (computing
         the missing ones), and how many pairs had to be computed; None if the window cannot
         be assembled from pairs exactly."""
-        pairs = window_pairs(seqs)
-        shape = self.clip_shape(frames[-1], len(frames)) if pairs else None
-        if pairs is None or shape is None:
+        pairs = self.pair_keys(stream, frames, ids)
+        if pairs is None:
             return None
         parts: list[PairEmbedding] = []
-        keys, computed = [], 0
-        for a, b in pairs:
-            key = PairKey(stream, seqs[a], seqs[b], *shape)
+        computed = 0
+        for a, key in pairs:
             emb = self.cache.get(key)
             if emb is None:
-                emb = self.encode_pair([frames[a], frames[b]])
+                emb = self.encode_pair([frames[a], frames[a + 1]])
                 self.cache.put(key, emb)
                 computed += 1
             parts.append(emb)
-            keys.append(key)
         embeds = torch.cat([p.embeds for p in parts])
         grid = torch.tensor([[len(pairs), parts[0].grid_h, parts[0].grid_w]], device=embeds.device)
-        return Window(embeds, grid, computed, tuple(keys))
+        return Window(embeds, grid, computed, tuple(key for _, key in pairs))
 
-    def warm(self, stream: str, frames: Sequence[np.ndarray], seqs: Sequence[Hashable]) -> bool:
-        """Encode one missing pair of the window ending at the newest frame; True if it did."""
-        if len(frames) < TEMPORAL_PATCH:
-            return False
-        n = len(frames) - len(frames) % TEMPORAL_PATCH
-        frames, seqs = frames[-n:], seqs[-n:]
-        shape = self.clip_shape(frames[-1], n)
-        if shape is None:
-            return False
-        for a in range(n - 2, -1, -2):  # newest pair first: the next question needs it most
-            key = PairKey(stream, seqs[a], seqs[a + 1], *shape)
+    def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]) -> bool:
+        """Encode one missing pair of the window, newest pair first (the next question needs
+        it most); True if it did."""
+        for a, key in reversed(self.pair_keys(stream, frames, ids) or []):
             if key not in self.cache:
                 self.cache.put(key, self.encode_pair([frames[a], frames[a + 1]]))
                 return True
