@@ -69,7 +69,6 @@ class Answer:
     queued_ms: float
     first_token_ms: float | None
     total_ms: float
-    token_ids: tuple[int, ...] = ()
     #: For a watch round: the ``alert_contains`` text when the answer contains it.
     matched: str | None = None
 
@@ -562,7 +561,6 @@ class InferenceLoop:
                 queued_ms=round((started - q.received_at) * 1000, 1),
                 first_token_ms=None if first_at is None else round((first_at - q.received_at) * 1000, 1),
                 total_ms=round((done - q.received_at) * 1000, 1),
-                token_ids=tuple(result.token_ids),
                 matched=q.watch.matches(result.text) if q.watch is not None else None,
             )
             if self._finish_once(q, "answer") and not _silenced(q):

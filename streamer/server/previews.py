@@ -63,7 +63,6 @@ class PreviewFeed:
         self.key = key
         self.runtime = runtime
         self.subscribers: set[PreviewSubscriber] = set()
-        self.encoded = 0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -88,7 +87,6 @@ class PreviewFeed:
                 except Exception:
                     log.exception("preview of %s failed", self.key.stream)
                 else:
-                    self.encoded += 1
                     header = {
                         "type": "preview",
                         "stream": self.key.stream,
