@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     _configure_logging(args.log_level, settings.server.log_json)
-    if settings.model.id == "tiny-random":
+    if settings.model.is_tiny:
         _say("using the tiny random-weight Qwen2-VL: its answers are gibberish (it exercises the pipeline)")
     return run_server(settings)
 
