@@ -19,6 +19,23 @@ ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"is serving on (ws://[\d.]+:(\d+)/ws)")
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say at the top which groups of tests will be skipped for lack of system packages."""
+    from tests.system import report_header
+
+    return report_header()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped test is a failure: a green CI run must have run every test."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if os.environ.get("CI") and skipped and exitstatus == pytest.ExitCode.OK:
+        if reporter is not None:
+            reporter.write_line(f"CI: {skipped} test(s) skipped; every test must run in CI", red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def streamer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder private to this test run, so every run builds the tiny model afresh."""

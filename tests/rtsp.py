@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from tests.system import SYSTEM_PYTHON, require
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 SERVER_SCRIPT = Path(__file__).resolve().parent / "rtsp_server.py"
-INSTALL_HINT = (
-    "apt-get install gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
-    "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly python3-gi"
-)
 
 
 def require_gstreamer() -> None:
     """Skip without GStreamer's RTSP server, except in CI, where it must be installed."""
-    probe = (
-        subprocess.run(
-            [SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"],
-            capture_output=True,
-            check=False,
-        )
-        if os.path.exists(SYSTEM_PYTHON)
-        else None
-    )
-    if probe is None or probe.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"GStreamer's RTSP server is missing in CI: {INSTALL_HINT}")
-        pytest.skip(f"needs GStreamer's RTSP server: {INSTALL_HINT}")
+    require("rtsp")
 
 
 def free_port() -> int:

@@ -69,14 +69,18 @@ def test_demo_source_is_sampled_at_sample_fps() -> None:
     assert not capture.is_alive()
     frames = capture.ring.latest(9)
     gaps = np.diff([f.pts for f in frames])
-    # 0.25 s of media time, rounded to the 15 fps frame grid, and 0.25 s on average.
-    assert np.all(gaps > 0.19) and np.all(gaps < 0.34)
-    assert gaps.mean() == pytest.approx(0.25, abs=0.02)
+    # Sampling follows presentation time, which a loaded machine cannot disturb: 0.25 s of
+    # media time, rounded to the 15 fps frame grid (4/15 or 3/15 s), 0.25 s on average.
+    assert set(np.round(gaps * 15).astype(int)) <= {3, 4}, gaps
+    assert gaps.mean() == pytest.approx(0.25, abs=1 / 15)
+    # Paced at real time: 8 intervals of media time cannot pass faster than 2 s of wall time
+    # (a little slack for timer jitter); on a loaded machine they may take longer.
     wall = frames[-1].ts - frames[0].ts
-    assert 1.6 < wall < 2.6  # paced at real time: 8 intervals of 0.25 s
+    assert wall > 1.8, wall
     assert frames[0].rgb.shape == (240, 320, 3) and frames[0].rgb.dtype == np.uint8
     assert status.status == "live" and (status.width, status.height) == (320, 240)
-    assert 12 < status.fps_in < 18 and 3 < status.fps_sampled < 5
+    # Rates are measured over wall time: never above the source's, however loaded the machine.
+    assert 0 < status.fps_in <= 15 * 1.2 and 0 < status.fps_sampled <= 4 * 1.2, status
 
 
 def test_file_loops_with_increasing_seq_and_pts(tmp_path: Path) -> None:

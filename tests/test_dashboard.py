@@ -6,8 +6,6 @@ go to test-artifacts/dashboard/."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -15,11 +13,11 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, start_server, stop_server
+from tests.system import CHROMIUM, require
 from tests.test_inference_features import _still_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 # What Chromium itself logs while the server is down on purpose (not the page's errors).
 EXPECTED_WHILE_DOWN = ("WebSocket connection to", "ERR_CONNECTION_REFUSED", "net::ERR_")
@@ -27,10 +25,7 @@ EXPECTED_WHILE_DOWN = ("WebSocket connection to", "ERR_CONNECTION_REFUSED", "net
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is missing in CI: apt-get install chromium")
-        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    require("browser")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -203,32 +203,47 @@ class WatchRecorder(RecordingSink):
 
 
 def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: TransformersEngine) -> None:
+    """While one round's generation is held up, at most one more round waits; the rounds that
+    fall due meanwhile are skipped and counted, and the watch ends exactly once."""
     from streamer.inference.scheduler import Watch
 
-    class SlowFirst(Engine):
+    release = threading.Event()
+
+    class HeldFirst(Engine):
         note = None
         model_id = "x"
         calls = 0
 
         def generate(self, request, on_text, should_stop):
-            SlowFirst.calls += 1
-            if SlowFirst.calls == 1:
-                time.sleep(2.0)
+            HeldFirst.calls += 1
+            if HeldFirst.calls == 1:
+                assert release.wait(60), "the test never released the first generation"
             return engine.generate(request, on_text, should_stop)
 
-    loop = InferenceLoop(SlowFirst(), {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=4)  # type: ignore[arg-type]
+    loop = InferenceLoop(HeldFirst(), {"s": StreamFeed(_filled_ring(), 2.0)}, queue_size=4)  # type: ignore[arg-type]
     sink = WatchRecorder()
     watch = Watch(id="w", stream="s", text="?", owner="o", sink=sink, every_s=0.25, frames=2, max_new_tokens=1)
     loop.start()
+    depths = []
     try:
         loop.add_watch(watch)
-        time.sleep(2.6)
-        pending_depth = loop.depth()
+        held_from = time.monotonic()
+        # Hold the first round for at least 1.5 s: 6 more rounds fall due at 4 a second, however
+        # loaded the machine (a lower bound on time, not an upper one).
+        while time.monotonic() - held_from < 1.5:
+            depths.append(loop.depth())
+            time.sleep(0.05)
+        release.set()
+        deadline = time.monotonic() + 60
+        while watch.rounds < 2:
+            assert time.monotonic() < deadline, "the watch did not go on after the held round"
+            depths.append(loop.depth())
+            time.sleep(0.02)
     finally:
+        release.set()
         loop.stop()
-    assert pending_depth <= 1  # one round at most waits while one runs
-    assert watch.skipped >= 4  # 2 s blocked at 4 rounds/s: most were skipped, and counted
-    assert watch.rounds >= 2
+    assert watch.skipped >= 4, watch.skipped  # the rounds that fell due while held: skipped, and counted
+    assert max(depths) <= 1  # one round at most waits while one runs
     kinds = [k for k, _, _ in sink.events]
     assert kinds[0] == "watch_accepted" and kinds[-1] == "watch_end"
     assert sink.events[-1][2] == "shutting_down"

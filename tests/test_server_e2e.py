@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from tests.conftest import ServerProcess
@@ -56,8 +54,9 @@ async def test_ask_streams_tokens_that_make_the_answer(demo_server: ServerProces
     assert frames["count"] == 8  # the demo config's frame count
     assert frames["last_seq"] - frames["first_seq"] == 7
     assert frames["first_ts"] <= frames["last_ts"]
-    # 8 frames sampled at 2 fps span about 3.5 s of capture time.
-    assert 2.5 < frames["last_ts"] - frames["first_ts"] < 5.0
+    # 8 frames sampled at 2 fps span 3.5 s of media time; paced at real time, their capture
+    # times cannot be closer together (a loaded machine may spread them further apart).
+    assert frames["last_ts"] - frames["first_ts"] > 3.0
 
     t = answer["timings"]
     assert 0 <= t["queued_ms"] <= t["first_token_ms"] <= t["total_ms"]
@@ -170,13 +169,30 @@ async def test_utf8_questions_pass_through(demo_server: ServerProcess) -> None:
     await client.close()
 
 
-async def test_clients_are_answered_concurrently(demo_server: ServerProcess) -> None:
-    clients = [await _client(demo_server) for _ in range(3)]
-    results = await asyncio.gather(*(c.ask(f"c{i}", max_new_tokens=4) for i, c in enumerate(clients)))
-    for c in clients:
+async def test_clients_are_served_while_another_answer_streams(demo_server: ServerProcess) -> None:
+    """While one client's long answer streams, others connect, are accepted and queued behind it,
+    the first answer keeps streaming, and once it ends each of the others gets exactly one answer."""
+    first = await _client(demo_server)
+    await first.send({"type": "ask", "id": "long", "stream": "demo", "question": "Go on.", "max_new_tokens": 1024})
+    await first.recv_type("token")
+    others = [await _client(demo_server) for _ in range(2)]  # welcomed while "long" streams
+    for i, c in enumerate(others):
+        await c.send(
+            {"type": "ask", "id": f"c{i}", "stream": "demo", "question": "What is moving?", "max_new_tokens": 4}
+        )
+    accepted = [await c.recv_type("accepted") for c in others]
+    # The first answer still streams after the others were accepted: nobody waited for it.
+    still_streaming = await first.recv_type("token")
+    await first.send({"type": "cancel", "id": "long"})
+    long_end = await first.until_final("long")
+    results = [await c.until_final(f"c{i}") for i, c in enumerate(others)]
+    for c in [first, *others]:
         await c.close()
-    assert [r[-1]["type"] for r in results] == ["answer"] * 3
-    assert sorted(r[0]["position"] for r in results) == [0, 1, 2]
+    assert still_streaming["id"] == "long" and long_end[-1]["code"] == "cancelled"
+    assert sorted(a["position"] for a in accepted) == [1, 2]  # queued behind the running answer
+    for i, r in enumerate(results):
+        assert [m["type"] for m in r].count("answer") == 1 and r[-1]["type"] == "answer", r
+        assert all(m["id"] == f"c{i}" for m in r)
 
 
 def test_healthz_reports_live_streams(demo_server: ServerProcess) -> None:

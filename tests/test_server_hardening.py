@@ -157,7 +157,19 @@ async def test_previews_are_jpegs_encoded_once_per_stream_and_rate(inproc: InPro
         assert image.shape[1] == header["width"] <= 192 and image.shape[0] == header["height"]
 
 
+def _gets_a_real_reply(message: str | bytes) -> bool:
+    """A valid request (other than cancelling an unknown id) is answered for real, not with an error."""
+    if not isinstance(message, str):
+        return False
+    try:
+        parsed = parse_client_message(message)
+    except ProtocolError:
+        return False
+    return parsed is not None and parsed.type in ("hello", "subscribe", "ask", "watch")
+
+
 def test_fuzzing_2000_messages_each_gets_an_error(inproc: InProcessServer) -> None:
+    """2000 malformed messages (a fixed, seeded sequence) each get `bad_request`; the server then still answers."""
     ws = sync_connect(inproc.url, additional_headers={"Authorization": "Bearer tok-1"}, max_size=None).__enter__()
     assert json.loads(ws.recv(timeout=10))["type"] == "welcome"
     sent = 0
@@ -183,20 +195,16 @@ def test_fuzzing_2000_messages_each_gets_an_error(inproc: InProcessServer) -> No
                 "token": json_values,
             },
         ).map(json.dumps),
-    )
+    ).filter(lambda m: not _gets_a_real_reply(m))
 
-    @settings(max_examples=2100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # derandomize: the same 2000 examples on every run; the filter above means every
+    # example counts, so the number sent does not depend on chance.
+    @settings(
+        max_examples=2000, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(messages)
     def one(message: str | bytes) -> None:
         nonlocal sent
-        if isinstance(message, str):
-            try:
-                parsed = parse_client_message(message)
-            except ProtocolError:
-                parsed = None
-            if parsed is not None and parsed.type in ("hello", "subscribe", "ask", "watch", "cancel"):
-                if parsed.type != "cancel":
-                    return  # a valid request gets a real answer, not an error: not this test's business
         ws.send(message)
         sent += 1
         reply = json.loads(ws.recv(timeout=10))
@@ -211,7 +219,7 @@ def test_fuzzing_2000_messages_each_gets_an_error(inproc: InProcessServer) -> No
         if m.get("id") == "after-fuzz" and m["type"] in ("answer", "error"):
             finals.append(m)
     ws.close()
-    assert sent >= 2000, sent
+    assert sent == 2000, sent
     assert finals[0]["type"] == "answer"
 
 
@@ -302,8 +310,10 @@ async def test_a_client_that_never_reads_delays_nobody_and_is_cut_off(tiny_model
     finally:
         server.stop()
     print(f"answer seconds alone={alone} beside a non-reader={beside} after={after}")
-    # The fast client is not held up by the one that does not read (generous: CPU is shared).
-    assert max(beside) < max(alone) * 3 + 1.0
+    # The fast client is not held up by the one that does not read: had it waited for the
+    # non-reader's socket, its answers would stall until the cut-off. The bound is generous
+    # because the CPU is shared (answers take about 0.1 s; benchmarks/load.py measures this).
+    assert max(beside) < 10 * max(alone) + 5.0, (alone, beside)
     assert "streamer_slow_client_disconnects_total 1.0" in dropped
 
 
