@@ -41,7 +41,16 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="require this access token (repeatable; or STREAMER_TOKENS=a,b)",
     )
     p.add_argument(
-        "--allowed-origin", action="append", metavar="ORIGIN", help="browser Origin allowed to connect (repeatable)"
+        "--allowed-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="browser Origin (scheme://host[:port]) allowed besides the server's own; '*' for any (repeatable)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="Host name accepted besides localhost and loopback addresses (repeatable)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="certificate: serve wss:// and https://")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -87,6 +96,7 @@ def settings_from_args(args: argparse.Namespace, base: dict[str, Any] | None) ->
         port=args.port,
         tokens=args.token,
         allowed_origins=args.allowed_origin,
+        allowed_hosts=args.allowed_host,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         log_json=args.log_json,

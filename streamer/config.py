@@ -11,10 +11,12 @@ decides whether a model is needed at all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -99,6 +101,69 @@ def source_kind(url: str) -> Literal["demo", "webcam", "rtsp", "file"]:
     return "file"
 
 
+#: The port an origin leaves out when it is the scheme's default.
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
+
+
+def _split_authority(authority: str) -> tuple[str, int | None] | None:
+    """``host[:port]`` -> (host in lower case, IPv6 without brackets; port), or None if malformed."""
+    try:
+        parts = urlsplit("//" + authority)
+        port = parts.port
+    except ValueError:
+        return None
+    name = parts.hostname
+    if not name or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        return None
+    if ":" in name:
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+    elif not _HOST_NAME.match(name):
+        return None
+    return name, port
+
+
+def host_name(host_header: str) -> str | None:
+    """The name in a ``Host`` header (``name``, ``name:port``, ``[v6]:port``): lower case, IPv6
+    without brackets; None when it is not a well-formed host."""
+    split = _split_authority(host_header)
+    return split[0] if split else None
+
+
+def is_loopback_name(name: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1), with or without IPv6 brackets."""
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def serialized_origin(value: str) -> str | None:
+    """``value`` as a browser writes it in an ``Origin`` header (lower case, the scheme's default
+    port left out), or None when it is not an origin: ``null``, or a URL with a path or user.
+
+    Both sides of every origin comparison go through here, so ``HTTP://Localhost:80`` and
+    ``http://localhost`` are the same origin."""
+    scheme, sep, authority = value.partition("://")
+    scheme = scheme.lower()
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+        return None
+    split = _split_authority(authority)
+    if split is None:
+        return None
+    name, port = split
+    host = f"[{name}]" if ":" in name else name
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}"
+
+
 class ModelConfig(_Strict):
     """Which Qwen2-VL to load and how to prompt it."""
 
@@ -160,7 +225,11 @@ class ServerConfig(_Strict):
     tokens: list[SecretStr] = Field(default_factory=list, description="access tokens; empty = no auth")
     allowed_origins: list[str] = Field(
         default_factory=list,
-        description="browser Origins allowed to connect; empty = any (non-browser clients send none)",
+        description="browser Origins (scheme://host[:port]) allowed besides the server's own; '*' = any",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names accepted besides localhost and loopback addresses; set: checked on any bind",
     )
     tls_cert: Path | None = Field(default=None, description="PEM certificate: serve wss:// and https://")
     tls_key: Path | None = Field(default=None, description="PEM private key for tls_cert")
@@ -190,6 +259,34 @@ class ServerConfig(_Strict):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} does not exist")
         return self
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_serialized(cls, origins: list[str]) -> list[str]:
+        serialized = []
+        for value in origins:
+            origin = value if value == "*" else serialized_origin(value)
+            if origin is None:
+                raise ValueError(f"{value!r} is not an origin: write scheme://host[:port] (no path), or '*' for any")
+            serialized.append(origin)
+        return serialized
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_names(cls, hosts: list[str]) -> list[str]:
+        names = []
+        for value in hosts:
+            bare = value.lower().removeprefix("[").removesuffix("]")
+            name = host_name(f"[{bare}]" if ":" in bare else bare)
+            if name != bare:
+                raise ValueError(f"{value!r} is not a host name or IP address (give it without scheme or port)")
+            names.append(name)
+        return names
+
+    @property
+    def binds_loopback(self) -> bool:
+        """Listening on a loopback address only: reachable from this machine alone."""
+        return is_loopback_name(self.host)
 
     @field_validator("tokens")
     @classmethod
@@ -270,6 +367,7 @@ def apply_overrides(
     port: int | None = None,
     tokens: list[str] | None = None,
     allowed_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     log_json: bool | None = None,
@@ -277,8 +375,8 @@ def apply_overrides(
 ) -> Settings:
     """Apply command-line flags on top of a config mapping and validate the result.
 
-    ``--source`` flags replace a source of the same name or add a new one; ``--token`` and
-    ``--allowed-origin`` flags are added to the configured ones. Tokens in the
+    ``--source`` flags replace a source of the same name or add a new one; ``--token``,
+    ``--allowed-origin`` and ``--allowed-host`` flags are added to the configured ones. Tokens in the
     ``STREAMER_TOKENS`` environment variable (comma-separated) are added too, so they need
     not appear on a command line.
     """
@@ -308,6 +406,8 @@ def apply_overrides(
         server["tokens"] = list(server.get("tokens") or []) + list(tokens)
     if allowed_origins:
         server["allowed_origins"] = list(server.get("allowed_origins") or []) + list(allowed_origins)
+    if allowed_hosts:
+        server["allowed_hosts"] = list(server.get("allowed_hosts") or []) + list(allowed_hosts)
     if tls_cert is not None:
         server["tls_cert"] = tls_cert
     if tls_key is not None:

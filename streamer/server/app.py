@@ -1,7 +1,8 @@
 """The ASGI app (Starlette) and the uvicorn server that runs it.
 
 HTTP and the WebSocket share one port and one stack: ``/ws`` (PROTOCOL.md), ``/healthz``,
-``/metrics``; the dashboard and an OpenAI-compatible endpoint join as routes here.
+``/metrics``; the dashboard and an OpenAI-compatible endpoint join as routes here. Every
+route sits behind the Host and Origin checks of :mod:`streamer.server.security`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from streamer.server.connection import CLOSE_GOING_AWAY, Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
 from streamer.server.runtime import Runtime
+from streamer.server.security import access_middleware, startup_warnings
 from streamer.server.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,9 @@ def create_app(runtime: Runtime) -> Starlette:
         routes.append(Mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard"))
     else:
         log.warning("no dashboard at %s: GET / will answer 404", dashboard)
-    app = Starlette(routes=routes, lifespan=lifespan)
+    on_refused = state.metrics.refused.labels
+    middleware = access_middleware(runtime.settings.server, lambda reason: on_refused(reason).inc())
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.streamer = state
     return app
 
@@ -162,6 +166,8 @@ class StreamerServer(uvicorn.Server):
 
 def make_server(runtime: Runtime, on_listening: Callable[[str, int], None] | None = None) -> StreamerServer:
     server_cfg = runtime.settings.server
+    for warning in startup_warnings(server_cfg):
+        log.warning("%s", warning)
     app = create_app(runtime)
     config = uvicorn.Config(
         app,

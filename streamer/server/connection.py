@@ -250,13 +250,7 @@ class Connection:
     # -- the connection's life ---------------------------------------------------------------
 
     async def serve(self) -> None:
-        origin = self.ws.headers.get("origin")
-        allowed = self.limits.allowed_origins
-        if allowed and origin is not None and origin not in allowed:
-            log.warning("connection refused: origin %r is not allowed", origin)
-            self.state.metrics.refused.labels("origin").inc()
-            await self.ws.close(CLOSE_POLICY_VIOLATION)  # before accept: HTTP 403
-            return
+        """Run the connection to its end; Host and Origin were checked before (security.py)."""
         await self.ws.accept()
         self._sender = asyncio.create_task(self._send_loop(), name=f"ws-send-{self.id}")
         if len(self.state.connections) >= self.limits.max_connections:

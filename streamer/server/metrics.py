@@ -80,7 +80,12 @@ class Metrics:
         r = self.registry
         self.connections = Gauge("streamer_open_connections", "Open WebSocket connections", registry=r)
         self.connections_total = Counter("streamer_connections_accepted", "WebSocket connections accepted", registry=r)
-        self.refused = Counter("streamer_connections_refused", "Connections refused", ["reason"], registry=r)
+        self.refused = Counter(
+            "streamer_connections_refused",
+            "Connections and requests refused (reason: host, origin, unauthorized, max_connections)",
+            ["reason"],
+            registry=r,
+        )
         self.questions = Counter("streamer_questions", "Questions ended, by outcome", ["kind", "outcome"], registry=r)
         self.ttft = Histogram(
             "streamer_time_to_first_token_seconds", "From receipt to first token", buckets=LATENCY_BUCKETS, registry=r
