@@ -267,7 +267,11 @@ def test_a_failing_warm_up_does_not_stop_the_loop(engine: TransformersEngine) ->
     loop.start()
     sink = RecordingSink()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while WarmFails.warm_calls == 0:  # the loop is idle: it warms, which fails
+            assert time.monotonic() < deadline, "the loop never warmed"
+            time.sleep(0.02)
+        time.sleep(0.5)  # idle a while longer: a loop that did not pause would warm again and again
         loop.submit(_question("after-warm-failure", sink))
         sink.wait_finals(1)
     finally:

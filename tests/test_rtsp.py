@@ -55,8 +55,9 @@ def test_rtsp_frames_arrive_and_survive_five_server_restarts(rtsp_server: RtspSe
             rtsp_server.kill()
             killed_at = time.monotonic()
             assert wait_until(lambda: capture.status().status in ("down", "connecting"), timeout=10)
-            # Noticed within the stall watchdog time (plus a little for the decoder).
-            assert time.monotonic() - killed_at <= 2 + 1.5, f"cycle {cycle}"
+            # Noticed within the stall watchdog time (2 s), plus generous slack for a loaded
+            # machine; without the watchdog a silent socket would go unnoticed far longer.
+            assert time.monotonic() - killed_at <= 2 + 6, f"cycle {cycle}"
             buffered = capture.ring.newest_seq
             assert buffered is not None and len(capture.ring) > 0  # frames kept while reconnecting
             rtsp_server.start()
@@ -66,10 +67,10 @@ def test_rtsp_frames_arrive_and_survive_five_server_restarts(rtsp_server: RtspSe
             last_seq = capture.ring.newest_seq
         status = capture.status()
         assert status.reconnects >= 5
-        time.sleep(0.5)
-        # No thread leak: the same Python threads, and FFmpeg's native threads come and go.
-        assert threading.active_count() == baseline_threads[0]
-        assert _os_threads() <= baseline_threads[1] + 2
+        # No thread leak: the same Python threads, and FFmpeg's native threads come and go
+        # (they may take a moment to exit after the last reconnect).
+        assert wait_until(lambda: threading.active_count() == baseline_threads[0], timeout=10), threading.enumerate()
+        assert wait_until(lambda: _os_threads() <= baseline_threads[1] + 2, timeout=10), _os_threads()
     finally:
         capture.stop()
     assert not capture.is_alive()
@@ -104,11 +105,15 @@ def test_silent_camera_times_out_with_growing_backoff_without_blocking_others() 
     demo.start()
     backoffs: list[float] = []
     try:
-        deadline = time.monotonic() + 12
+        # Until three attempts have backed off and the demo has sampled for about 9 s (at its
+        # 4 fps), however long that takes on a loaded machine.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             b = silent.status().backoff_s
             if b and (not backoffs or b != backoffs[-1]):
                 backoffs.append(b)
+            if len(backoffs) >= 4 and silent.status().reconnects >= 3 and demo.status().frames_sampled >= 35:
+                break
             time.sleep(0.05)
         silent_status, demo_status = silent.status(), demo.status()
     finally:

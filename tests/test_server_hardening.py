@@ -370,7 +370,10 @@ def test_tls(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_sigterm_ends_every_open_ask_and_exits_0(tiny_model: Path, tmp_path: Path) -> None:
     server: ServerProcess = start_server(["--config", "configs/demo.yaml"], tmp_path / "server.log")
-    time.sleep(3)
+    deadline = time.monotonic() + 60  # questions use 8 frames: wait until the stream holds them
+    while (server.healthz()["streams"][0]["frames_buffered"] or 0) < 8:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
 
     async def scenario() -> tuple[dict[str, dict], list[int | None]]:
         clients = [await _client(server.url) for _ in range(3)]
