@@ -128,6 +128,7 @@ def _banner(settings: Settings, note: str | None, host: str, port: int, device: 
 
 def run_server(settings: Settings) -> int:
     from streamer.inference.loader import ModelLoadError
+    from streamer.inference.registry import engine_device
     from streamer.server.app import make_server
     from streamer.server.runtime import Runtime
 
@@ -140,10 +141,10 @@ def run_server(settings: Settings) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     runtime.start_inference()
-    device = getattr(getattr(engine, "loaded", None), "device", "remote")
+    device = engine_device(engine)
 
     def on_listening(host: str, port: int) -> None:
-        print(_banner(settings, engine.note, host, port, str(device)), file=sys.stderr, flush=True)
+        print(_banner(settings, engine.note, host, port, device), file=sys.stderr, flush=True)
 
     server = make_server(runtime, on_listening)
     try:
@@ -202,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny-model":
         return make_tiny_model(args.dir, args.force)
+    from streamer.inference.registry import engine_factory  # imports no engine (no torch)
+
     try:
         settings = settings_from_args(args, DEMO_CONFIG if args.command == "demo" else None)
+        engine_factory(settings.model.backend)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG

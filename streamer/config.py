@@ -196,6 +196,9 @@ class ModelConfig(_Strict):
     batch_window_ms: float = Field(
         default=20.0, ge=0, le=1000, description="how long a starting batch waits for more questions on its window"
     )
+    backend: str = Field(
+        default="transformers", min_length=1, description="engine: a name in streamer.inference.registry"
+    )
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Settings for ``generate``; unset ones keep the model's own defaults."""

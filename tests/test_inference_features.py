@@ -302,9 +302,10 @@ def test_people_go_before_watch_rounds_and_streams_take_turns() -> None:
     queue = FairQueue()
 
     def q(qid: str, stream: str, owner: str, watch: bool = False) -> Question:
-        item = Question(id=qid, stream=stream, text="?", owner=owner, sink=None, frames=2, max_new_tokens=1)  # type: ignore[arg-type]
-        item.watch = object() if watch else None  # type: ignore[assignment]
-        return item
+        standing = object() if watch else None
+        return Question(
+            id=qid, stream=stream, text="?", owner=owner, sink=None, frames=2, max_new_tokens=1, watch=standing
+        )  # type: ignore[arg-type]
 
     for item in [
         q("w1", "a", "x", watch=True),

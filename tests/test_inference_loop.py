@@ -226,7 +226,7 @@ def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: Transformer
     loop.start()
     depths = []
     try:
-        loop.add_watch(watch)
+        progress = loop.add_watch(watch)
         held_from = time.monotonic()
         # Hold the first round for at least 1.5 s: 6 more rounds fall due at 4 a second, however
         # loaded the machine (a lower bound on time, not an upper one).
@@ -235,14 +235,14 @@ def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: Transformer
             time.sleep(0.05)
         release.set()
         deadline = time.monotonic() + 60
-        while watch.rounds < 2:
+        while progress.rounds < 2:
             assert time.monotonic() < deadline, "the watch did not go on after the held round"
             depths.append(loop.depth())
             time.sleep(0.02)
     finally:
         release.set()
         loop.stop()
-    assert watch.skipped >= 4, watch.skipped  # the rounds that fell due while held: skipped, and counted
+    assert progress.skipped >= 4, progress.skipped  # the rounds that fell due while held: skipped, and counted
     assert max(depths) <= 1  # one round at most waits while one runs
     kinds = [k for k, _, _ in sink.events]
     assert kinds[0] == "watch_accepted" and kinds[-1] == "watch_end"

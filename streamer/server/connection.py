@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from streamer.inference.scheduler import Answer, ErrorCode, Mode, Question, Rejected, Watch
+from streamer.inference.questions import Answer, ErrorCode, Mode, Question, Rejected, Watch
 from streamer.server import protocol
 from streamer.server.protocol import (
     PROTOCOL_VERSION,

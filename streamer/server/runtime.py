@@ -14,7 +14,9 @@ from streamer import __version__
 from streamer.capture import CaptureThread, StreamStatus
 from streamer.config import Settings
 from streamer.inference.engine import Engine
-from streamer.inference.scheduler import InferenceLoop, StreamFeed
+from streamer.inference.loop import InferenceLoop
+from streamer.inference.questions import StreamFeed
+from streamer.inference.registry import create_engine, engine_memory
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,9 @@ class Runtime:
             capture.start()
 
     def load_engine(self, progress: Callable[[str], None] | None = None) -> Engine:
-        """Load the configured model (slow: seconds to minutes) unless an engine was given."""
+        """Load the configured engine (slow: seconds to minutes) unless one was given."""
         if self.engine is None:
-            from streamer.inference.engine import TransformersEngine
-            from streamer.inference.loader import load_model
-
-            self.engine = TransformersEngine(load_model(self.settings.model, progress), self.settings.model)
+            self.engine = create_engine(self.settings.model, progress)
         return self.engine
 
     def start_inference(self) -> None:
@@ -78,18 +77,7 @@ class Runtime:
 
     def model_memory(self) -> dict[str, int]:
         """Bytes held by the model: its weights, and on CUDA what the allocator holds."""
-        loaded = getattr(self.engine, "loaded", None)
-        if loaded is None:
-            return {}
-        import torch
-
-        model = loaded.model
-        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        out = {"weights": weights}
-        if loaded.device.type == "cuda":
-            out["cuda_allocated"] = torch.cuda.memory_allocated(loaded.device)
-            out["cuda_reserved"] = torch.cuda.memory_reserved(loaded.device)
-        return out
+        return engine_memory(self.engine)
 
     def model_info(self) -> dict[str, Any]:
         engine = self.engine

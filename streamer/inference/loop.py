@@ -1,0 +1,314 @@
+"""The inference loop: one thread that drives the :class:`~streamer.inference.policy.Policy`
+and the engine.
+
+Guarantees (the order of service is the policy's, see :mod:`streamer.inference.policy`):
+
+- every submitted :class:`Question` ends with exactly one call of its sink's ``on_answer``
+  or ``on_error`` (after cancel, supersede, shutdown or an exception alike); every
+  :class:`Watch` ends with exactly one ``on_watch_end``;
+- a question is answered from the newest frames of its stream at the moment its
+  inference starts;
+- the loop never waits on a sink: sinks must return at once (the service hands results on
+  through its events hub, whose subscribers each have their own queue).
+
+Sink callbacks run on the inference thread, except ``on_accepted`` and the errors that
+``submit``/``cancel``/``stop`` cause, which run on the caller's thread. The policy is only
+touched under the loop's lock; the engine and the sinks are called outside it, except
+``on_accepted``, which goes out before the worker can pick the question up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+
+from streamer.inference.engine import Engine, GenerationRequest
+from streamer.inference.policy import SHUTTING_DOWN, Ended, Job, Policy, Standing, WatchProgress, answer_of
+from streamer.inference.questions import ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
+
+log = logging.getLogger(__name__)
+
+#: How often an idle loop with warming enabled looks for new frames, seconds.
+WARM_POLL_S = 0.2
+#: How long warming pauses after it failed, seconds.
+WARM_PAUSE_S = 30.0
+_STOP_REASONS = {"cancelled": "cancelled by the client", "shutting_down": SHUTTING_DOWN[1]}
+
+
+class InferenceLoop:
+    """Owns the inference thread: takes batches from the policy, runs them through the engine,
+    and reports each question's progress to its sink."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        streams: Mapping[str, StreamFeed],
+        *,
+        queue_size: int,
+        max_batch: int = 1,
+        batch_window_s: float = 0.0,
+        warm_frames: int = 0,
+    ) -> None:
+        """``max_batch``: questions about the same window answered together (people's asks
+        and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for
+        questions arriving at nearly the same time. ``warm_frames``: when idle, let the engine
+        prepare the window of that many newest frames of each stream (0: never)."""
+        self.engine = engine
+        self.streams: dict[str, StreamFeed] = dict(streams)
+        self.batch_window_s = batch_window_s
+        self.warm_frames = warm_frames
+        self._policy = Policy(self.streams, queue_size=queue_size, max_batch=max_batch)
+        self._warm_paused_until = 0.0
+        self._lock = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    # -- control, from any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0, finish_running_within: float = 0.0) -> None:
+        """Refuse new questions, end queued ones and watches with ``shutting_down``, let the
+        running question finish for up to ``finish_running_within`` seconds, then stop it
+        too, and wait (up to ``timeout``) for the thread."""
+        with self._lock:
+            ended = self._policy.stop()
+            self._lock.notify_all()
+        self._end(ended, *SHUTTING_DOWN)
+        if finish_running_within > 0 and self._thread.is_alive():
+            self._thread.join(finish_running_within)
+        with self._lock:
+            self._policy.stop_running()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, q: Question) -> int:
+        """Queue a person's ``q`` and return its position (0 = runs now). Raises :class:`Rejected`."""
+        with self._lock:
+            admission = self._policy.admit(q)
+            if admission.refusal is None:
+                # Accepted goes out before the worker can pick the question up.
+                q.sink.on_accepted(q, admission.position)
+                self._lock.notify_all()
+        for job in admission.superseded:
+            self._fail(job, "superseded", f"superseded by question {q.id!r}")
+        if admission.refusal is not None:
+            self._fail(admission.item, *admission.refusal)
+            raise Rejected(*admission.refusal)
+        return admission.position
+
+    def add_watch(self, w: Watch) -> WatchProgress:
+        """Start a standing question; its first round is due now. Returns its progress (rounds
+        run and skipped). Raises :class:`Rejected` (after ending the watch with the reason)."""
+        with self._lock:
+            admission = self._policy.admit_watch(w, time.monotonic())
+            if admission.refusal is None:
+                w.sink.on_watch_accepted(w, admission.position)
+                self._lock.notify_all()
+        if admission.refusal is not None:
+            self._end_watch(admission.item, *admission.refusal)
+            raise Rejected(*admission.refusal)
+        return admission.item
+
+    def cancel(self, owner: Hashable, question_id: str) -> bool:
+        """Cancel the owner's queued or running question, or end its watch; False if none."""
+        return bool(self._cancel_where(lambda owner_, id_: owner_ == owner and id_ == question_id))
+
+    def cancel_owner(self, owner: Hashable) -> int:
+        """Cancel everything an owner has open (its connection closed)."""
+        return self._cancel_where(lambda owner_, id_: owner_ == owner)
+
+    def add_stream(self, name: str, feed: StreamFeed) -> None:
+        """Serve questions about a stream added while running (a pushed source)."""
+        with self._lock:
+            self.streams[name] = feed
+
+    def remove_stream(self, name: str) -> None:
+        """Stop serving a stream: its waiting asks and its watches end with ``unknown_stream``."""
+        with self._lock:
+            self.streams.pop(name, None)
+            ended = self._policy.drop_stream(name)
+        self._end(ended, "unknown_stream", f"stream {name!r} was removed")
+
+    # -- reading, from any thread ---------------------------------------------------------
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._policy.queue)
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running."""
+        with self._lock:
+            return self._policy.idle()
+
+    def skipped_rounds(self) -> int:
+        """Watch rounds skipped so far because the watch's last round was still open."""
+        with self._lock:
+            return self._policy.skipped_rounds
+
+    @property
+    def submitted(self) -> int:
+        """Questions handed to :meth:`submit` (each ends in exactly one outcome)."""
+        with self._lock:
+            return self._policy.submitted
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """How questions ended, by outcome ("answer" or an error code); watch rounds included."""
+        with self._lock:
+            return dict(self._policy.outcomes)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _cancel_where(self, match: Callable[[Hashable, str], bool]) -> int:
+        with self._lock:
+            ended = self._policy.cancel(match)
+        self._end(ended, "cancelled", _STOP_REASONS["cancelled"])
+        return len(ended.queued) + len(ended.watches) + sum(1 for job in ended.running if job.standing is None)
+
+    def _end(self, ended: Ended, code: ErrorCode, message: str) -> None:
+        """End what the policy took out (watches first: their waiting rounds then say nothing)."""
+        for st in ended.watches:
+            self._end_watch(st, code, message)
+        for job in ended.queued:
+            self._fail(job, code, message)
+
+    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            first = self._policy.finish(job, code)
+        if first and not job.silenced:
+            q = job.question
+            try:
+                q.sink.on_error(q, code, message)
+            except Exception:
+                log.exception("sink failed on error for question %s", q.id)
+
+    def _end_watch(self, st: Standing, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            first = self._policy.end_watch(st)
+        if first:
+            try:
+                st.watch.sink.on_watch_end(st.watch, code, message)
+            except Exception:
+                log.exception("sink failed ending watch %s", st.watch.id)
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            step = self._next_batch()
+            if step is None:
+                return
+            batch, wait = step
+            if not batch:
+                if not self._warm():
+                    with self._lock:
+                        if not self._policy.queue and not self._policy.stopping:
+                            self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
+                continue
+            try:
+                self._answer(batch)
+            except Exception as err:  # the loop outlives any one question
+                log.exception("questions %s failed", [job.id for job in batch])
+                for job in batch:
+                    self._fail(job, "internal", _describe_failure(err))
+            finally:
+                with self._lock:
+                    self._policy.batch_done()
+
+    def _next_batch(self) -> tuple[list[Job], float | None] | None:
+        """Wait for work: a batch to answer, or (with warming on) an empty one when idle, with
+        the time until the next watch round is due. None once stopping."""
+        policy = self._policy
+        with self._lock:
+            while True:
+                if policy.stopping:
+                    return None
+                wait = policy.enqueue_due_rounds(time.monotonic())
+                if policy.queue or self.warm_frames:
+                    break  # work, or idle time to prepare the streams' windows
+                self._lock.wait(wait)
+            if policy.wants_more():
+                # Questions sent "together" arrive a few milliseconds apart: let them in.
+                deadline = time.monotonic() + self.batch_window_s
+                while policy.wants_more() and (left := deadline - time.monotonic()) > 0:
+                    self._lock.wait(left)
+                if policy.stopping:
+                    return None
+            return (policy.take_batch() if policy.queue else []), wait
+
+    def _warm(self) -> bool:
+        """One piece of work ahead of questions; True if the engine had some. A failure here
+        is logged and warming pauses for a while; questions are not affected."""
+        if time.monotonic() < self._warm_paused_until:
+            return False
+        try:
+            for name, feed in list(self.streams.items()):
+                frames = window_of(feed.ring, self.warm_frames)
+                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                    return True
+        except Exception:
+            log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
+            self._warm_paused_until = time.monotonic() + WARM_PAUSE_S
+        return False
+
+    def _answer(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        first = batch[0].question
+        feed = self.streams.get(first.stream)
+        frames = window_of(feed.ring, 1 if first.mode == "image" else first.frames) if feed is not None else []
+        if feed is None or not frames:
+            for job in batch:
+                self._fail(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
+            return
+        requests = [
+            GenerationRequest(
+                frames=[f.rgb for f in frames],
+                question=job.question.text,
+                max_new_tokens=job.question.max_new_tokens,
+                sample_fps=feed.sample_fps,
+                mode=job.question.mode,
+                stream=job.stream,
+                frame_ids=tuple((f.seq, f.ts) for f in frames),
+            )
+            for job in batch
+        ]
+        results = self.engine.generate_batch(
+            requests, [_text_to(job) for job in batch], [_stop_of(job) for job in batch]
+        )
+        done = time.monotonic()
+        for job, result in zip(batch, results, strict=True):
+            if job.stop_code is not None:
+                self._fail(job, job.stop_code, _STOP_REASONS[job.stop_code])
+                continue
+            answer = answer_of(job, result.text, frames, started, result.first_token_at, done)
+            with self._lock:
+                first_word = self._policy.finish(job, "answer")
+            if first_word and not job.silenced:
+                job.question.sink.on_answer(job.question, answer)
+
+
+def _text_to(job: Job) -> Callable[[str], None]:
+    """Where the engine's text pieces for ``job`` go: its sink, until it must stop."""
+
+    def on_text(piece: str) -> None:
+        if job.stop_code is None and not job.silenced:
+            job.question.sink.on_text(job.question, piece)
+
+    return on_text
+
+
+def _stop_of(job: Job) -> Callable[[], bool]:
+    return lambda: job.stop_code is not None
+
+
+def _describe_failure(err: Exception) -> str:
+    # An engine that never imported torch cannot have raised torch's error: don't import it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "inference ran out of GPU memory; try fewer frames or a smaller max_pixels"
+    return f"inference failed: {type(err).__name__}: {err}"
