@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -25,67 +23,31 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from streamer.capture import StreamStatus
-from streamer.server.connection import CLOSE_GOING_AWAY, Connection
+from streamer.server import protocol
+from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
 from streamer.server.runtime import Runtime
 from streamer.server.security import access_middleware, startup_warnings
-from streamer.server.subscriptions import Subscriptions
+from streamer.server.state import ServerState
+from streamer.service import Answered, Failed, Subscription
 
 log = logging.getLogger(__name__)
+
 
 #: The browser dashboard in a source checkout (``pip install -e .``).
 DEFAULT_DASHBOARD = Path(__file__).resolve().parents[2] / "clients" / "web"
 
 
-@dataclass
-class ServerState:
-    """What the handlers share: the runtime, metrics, subscriptions and open connections."""
-
-    runtime: Runtime
-    metrics: Metrics
-    subscriptions: Subscriptions = field(default_factory=Subscriptions)
-    previews: PreviewHub = field(init=False)
-    connections: set[Connection] = field(default_factory=set)
-    shutting_down: bool = False
-
-    def __post_init__(self) -> None:
-        self.previews = PreviewHub(self.runtime)
-
-    async def drain(self, deadline_s: float) -> None:
-        """Graceful stop: no new questions; the running answer may finish within the
-        deadline, everything else ends with ``shutting_down``; then every connection is
-        closed with 1001 once its last messages are sent."""
-        started = time.monotonic()
-        self.shutting_down = True
-        loop = self.runtime.loop
-        if loop is not None:
-            await asyncio.to_thread(loop.stop, finish_running_within=deadline_s * 0.8)
-        await asyncio.sleep(0)  # let the answers posted from the inference thread be queued
-        self.previews.close()
-        for conn in list(self.connections):
-            conn.close(CLOSE_GOING_AWAY, "server shutting down")
-        left = max(0.5, deadline_s - (time.monotonic() - started))
-        await asyncio.gather(*(conn.drained(left) for conn in list(self.connections)))
-        for conn in list(self.connections):
-            conn.abort()  # still stuck behind a peer that does not read
-
-
 def create_app(runtime: Runtime) -> Starlette:
-    state = ServerState(runtime, Metrics(runtime))
+    state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of))
+    service = runtime.service
 
     async def healthz(request: Request) -> JSONResponse:
-        streams = runtime.stream_objects()
-        serving = runtime.loop is not None and not state.shutting_down
-        body = {
-            "status": "ok" if serving else ("shutting_down" if state.shutting_down else "starting"),
-            "server": runtime.version,
-            "model": runtime.model_info(),
-            "streams": streams,
-            "live": [s["id"] for s in streams if s["status"] == "live"],
-        }
-        return JSONResponse(body, status_code=200 if serving else 503)
+        status = "ok" if service.serving else ("shutting_down" if service.shutting_down else "starting")
+        model = protocol.model_object(runtime.settings.model.id, runtime.model_note)
+        body = protocol.health(status, runtime.version, model, runtime.statuses())
+        return JSONResponse(body, status_code=200 if service.serving else 503)
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -95,16 +57,9 @@ def create_app(runtime: Runtime) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-
-        def status_changed(status: StreamStatus) -> None:  # on a capture thread
-            try:
-                loop.call_soon_threadsafe(state.subscriptions.broadcast_status, status)
-            except RuntimeError:  # the event loop has closed: nobody is listening
-                pass
-
-        runtime.add_status_listener(status_changed)
+        counting = _count_outcomes(state, asyncio.get_running_loop())
         yield
+        counting.close()
         runtime.stop()
 
     routes: list[BaseRoute] = [
@@ -122,6 +77,23 @@ def create_app(runtime: Runtime) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.streamer = state
     return app
+
+
+def _count_outcomes(state: ServerState, loop: asyncio.AbstractEventLoop) -> Subscription:
+    """Subscribe the metrics to every question's end; they are counted on the event loop."""
+
+    def count() -> None:
+        for event in subscription.drain():
+            state.metrics.record(event)  # type: ignore[arg-type]
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(count)
+        except RuntimeError:  # the event loop has closed: nobody is counting any more
+            pass
+
+    subscription = state.runtime.events.subscribe(kinds=(Answered, Failed), maxsize=100_000, wake=wake, name="metrics")
+    return subscription
 
 
 class StreamerServer(uvicorn.Server):

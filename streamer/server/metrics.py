@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from streamer.server.runtime import Runtime
+from streamer.service.events import Answered, Failed
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -98,3 +99,14 @@ class Metrics:
             "streamer_slow_client_disconnects", "Clients cut off for not reading", registry=r
         )
         r.register(_RuntimeCollector(runtime))
+
+    def record(self, event: Answered | Failed) -> None:
+        """Count how a question ended, and how long an answer took (on the event loop)."""
+        kind = "watch" if event.watch else "ask"
+        if isinstance(event, Answered):
+            self.questions.labels(kind, "answer").inc()
+            if event.answer.first_token_ms is not None:
+                self.ttft.observe(event.answer.first_token_ms / 1000)
+            self.total.observe(event.answer.total_ms / 1000)
+        elif not (event.watch and event.final):  # a watch's end is not one of its questions' ends
+            self.questions.labels(kind, event.code).inc()

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from streamer.capture import Frame
-from streamer.server.runtime import Runtime
+from streamer.capture import Frame, RingBuffer
+from streamer.server.protocol import preview_header
+
+#: A stream's ring buffer by name (None once the stream is gone).
+RingOf = Callable[[str], RingBuffer | None]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,9 @@ def encode_preview(frame: Frame, max_width: int) -> tuple[bytes, int, int]:
 
 
 class PreviewFeed:
-    def __init__(self, key: PreviewKey, runtime: Runtime) -> None:
+    def __init__(self, key: PreviewKey, ring_of: RingOf) -> None:
         self.key = key
-        self.runtime = runtime
+        self.ring_of = ring_of
         self.subscribers: set[PreviewSubscriber] = set()
         self._task: asyncio.Task | None = None
 
@@ -73,12 +77,12 @@ class PreviewFeed:
             self._task.cancel()
 
     async def _run(self) -> None:
-        ring = self.runtime.captures[self.key.stream].ring
+        ring = self.ring_of(self.key.stream)
         period = 1.0 / self.key.fps
         last_seq: int | None = None
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while self.subscribers:
+        while self.subscribers and ring is not None:
             frame = ring.newest()
             if frame is not None and frame.seq != last_seq:
                 last_seq = frame.seq
@@ -87,15 +91,7 @@ class PreviewFeed:
                 except Exception:
                     log.exception("preview of %s failed", self.key.stream)
                 else:
-                    header = {
-                        "type": "preview",
-                        "stream": self.key.stream,
-                        "seq": frame.seq,
-                        "ts": frame.ts,
-                        "width": w,
-                        "height": h,
-                        "bytes": len(jpeg),
-                    }
+                    header = preview_header(self.key.stream, frame.seq, frame.ts, w, h, len(jpeg))
                     for subscriber in list(self.subscribers):
                         subscriber.deliver_preview(header, jpeg)
             next_at = max(next_at + period, loop.time())
@@ -105,8 +101,8 @@ class PreviewFeed:
 class PreviewHub:
     """Feeds by key; a subscriber follows at most one feed per stream (event loop only)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, ring_of: RingOf) -> None:
+        self.ring_of = ring_of
         self.feeds: dict[PreviewKey, PreviewFeed] = {}
 
     def follow(self, subscriber: PreviewSubscriber, key: PreviewKey | None, stream: str) -> None:
@@ -118,7 +114,7 @@ class PreviewHub:
             return
         feed = self.feeds.get(key)
         if feed is None:
-            feed = self.feeds[key] = PreviewFeed(key, self.runtime)
+            feed = self.feeds[key] = PreviewFeed(key, self.ring_of)
             feed.subscribers.add(subscriber)
             feed.start()
         else:

@@ -1,8 +1,11 @@
-"""The wire protocol (``PROTOCOL.md``, version 1): message models, parsing, encoding.
+"""The wire protocol (``PROTOCOL.md``, version 1): every message shape, in and out.
 
-Client messages are validated strictly (a string where a number belongs is an error, not
-coerced); unknown extra fields are ignored so newer clients keep working. Server messages
-are built with :func:`encode`, which drops optional fields that are unset.
+Client messages are parsed into the models below and validated strictly (a string where a
+number belongs is an error, not coerced); unknown extra fields are ignored so newer clients
+keep working. Server messages are built by the functions in the second half, from the
+service's events and the streams' status, and sent with :func:`encode`, which drops
+optional fields that are unset. The ``/healthz`` body is here too: it shares the stream
+and model objects.
 
 Extensions to version 1 (compatible) are documented in ``docs/protocol-extensions.md``.
 """
@@ -10,9 +13,15 @@ Extensions to version 1 (compatible) are documented in ``docs/protocol-extension
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from streamer.capture import StreamStatus
+from streamer.service.asks import AskRequest, WatchRequest
+from streamer.service.events import Accepted, Alerted, Answered, Event, Failed, StreamChanged, Token
 
 PROTOCOL_VERSION = 1
 
@@ -51,6 +60,9 @@ class Ask(_ClientMessage):
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] | None = None
     mode: Literal["video", "image"] | None = None  # extension
 
+    def request(self) -> AskRequest:
+        return AskRequest(self.id, self.stream, self.question, self.frames, self.max_new_tokens, self.mode)
+
 
 class Cancel(_ClientMessage):
     type: Literal["cancel"]
@@ -71,6 +83,18 @@ class Watch(_ClientMessage):
     frames: Annotated[int, Field(ge=2, le=64)] | None = None  # extension, as in ask
     max_new_tokens: Annotated[int, Field(ge=1, le=1024)] | None = None  # extension
     mode: Literal["video", "image"] | None = None  # extension
+
+    def request(self) -> WatchRequest:
+        return WatchRequest(
+            self.id,
+            self.stream,
+            self.question,
+            self.frames,
+            self.max_new_tokens,
+            self.mode,
+            every_s=self.every_s,
+            alert_contains=self.alert_if.contains if self.alert_if else None,
+        )
 
 
 class Subscribe(_ClientMessage):
@@ -120,10 +144,102 @@ def parse_client_message(raw: str | bytes) -> Hello | Ask | Cancel | Watch | Sub
         raise ProtocolError("bad_request", _describe(err, msg_type), msg_id) from None
 
 
+# -- server to client ----------------------------------------------------------------------
+
+
 def encode(message: dict[str, Any]) -> str:
     """One server message as a text frame: UTF-8 JSON, unset optional fields dropped."""
     return json.dumps({k: v for k, v in message.items() if v is not None}, ensure_ascii=False, separators=(",", ":"))
 
 
-def error_message(code: str, message: str, id: str | None = None) -> dict[str, Any]:
-    return {"type": "error", "id": id, "code": code, "message": message}
+def error_message(code: str, message: str, id: str | None = None, watch: bool | None = None) -> dict[str, Any]:
+    """An ``error``; ``watch``: one round of a watch failed and the watch goes on (extension)."""
+    return {"type": "error", "id": id, "code": code, "message": message, "watch": watch}
+
+
+def model_object(model_id: str, note: str | None) -> dict[str, Any]:
+    """The ``model`` of ``welcome`` and ``/healthz`` (extension)."""
+    return {"id": model_id, "note": note}
+
+
+def stream_object(st: StreamStatus) -> dict[str, Any]:
+    """A stream object (``welcome.streams[]``, ``/healthz``), plus the documented extensions."""
+    return {
+        "id": st.name,
+        "name": st.name,
+        "status": st.status,
+        "width": st.width,
+        "height": st.height,
+        "fps_in": st.fps_in,
+        "fps_sampled": st.fps_sampled,
+        "frames_buffered": st.frames_buffered,
+        "last_seq": st.last_seq,
+        "frames_dropped": st.frames_dropped,
+        "reconnects": st.reconnects,
+        "error": st.error,
+    }
+
+
+def welcome(server: str, streams: Iterable[StreamStatus], model: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "protocol": PROTOCOL_VERSION,
+        "server": server,
+        "streams": [stream_object(st) for st in streams],
+        "model": model,
+    }
+
+
+def stream_status(st: StreamStatus) -> dict[str, Any]:
+    """A ``stream_status`` message (``error`` only when there is one)."""
+    return {
+        "type": "stream_status",
+        "stream": st.name,
+        "status": st.status,
+        "fps_in": st.fps_in,
+        "fps_sampled": st.fps_sampled,
+        "error": st.error,
+        "frames_dropped": st.frames_dropped,
+        "reconnects": st.reconnects,
+    }
+
+
+def preview_header(stream: str, seq: int, ts: float, width: int, height: int, size: int) -> dict[str, Any]:
+    """A ``preview``: the next binary frame is a JPEG of ``size`` bytes."""
+    return {"type": "preview", "stream": stream, "seq": seq, "ts": ts, "width": width, "height": height, "bytes": size}
+
+
+def event_message(event: Event) -> dict[str, Any]:
+    """The message a service event becomes on the wire."""
+    match event:
+        case Accepted():
+            return {"type": "accepted", "id": event.id, "position": event.position}
+        case Token():
+            return {"type": "token", "id": event.id, "text": event.text}
+        case Answered():
+            a = event.answer
+            return {
+                "type": "answer",
+                "id": event.id,
+                "text": a.text,
+                "stream": event.stream,
+                "frames": asdict(a.frames),
+                "timings": {"queued_ms": a.queued_ms, "first_token_ms": a.first_token_ms, "total_ms": a.total_ms},
+                "watch": True if event.watch else None,
+            }
+        case Alerted():
+            frames = asdict(event.frames)
+            return {"type": "alert", "id": event.id, "text": event.text, "stream": event.stream, "frames": frames,
+                    "matched": event.matched}  # fmt: skip
+        case Failed():
+            return error_message(event.code, event.message, event.id, watch=True if not event.final else None)
+        case StreamChanged():
+            return stream_status(event.status)
+    raise TypeError(f"no wire shape for {event!r}")
+
+
+def health(status: str, server: str, model: dict[str, Any], streams: Iterable[StreamStatus]) -> dict[str, Any]:
+    """The ``GET /healthz`` body."""
+    objects = [stream_object(st) for st in streams]
+    live = [s["id"] for s in objects if s["status"] == "live"]
+    return {"status": status, "server": server, "model": model, "streams": objects, "live": live}

@@ -1,6 +1,9 @@
-"""The running service: capture threads, the engine and the inference loop, wired together.
+"""The running server's parts wired together: its streams, the engine, the inference loop,
+the events hub and the ask service.
 
-The server's handlers read from it; the CLI builds it, starts it and stops it.
+The CLI builds it, starts it and stops it; the app (:mod:`streamer.server.app`) and its
+adapters read from it. Importing it imports no torch: the engine and the inference loop are
+imported when they are started.
 """
 
 from __future__ import annotations
@@ -8,15 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from streamer import __version__
-from streamer.capture import CaptureThread, StreamStatus
-from streamer.config import Settings
-from streamer.inference.engine import Engine
-from streamer.inference.loop import InferenceLoop
+from streamer.capture import CaptureThread, RingBuffer, StreamStatus
+from streamer.config import Settings, SourceConfig
 from streamer.inference.questions import StreamFeed
 from streamer.inference.registry import create_engine, engine_memory
+from streamer.service import AskService, EventHub, StreamChanged
+
+if TYPE_CHECKING:
+    from streamer.inference.engine import Engine
+    from streamer.inference.loop import InferenceLoop
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,9 @@ class Runtime:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.version = __version__
-        self._status_listeners: list[Callable[[StreamStatus], None]] = []
+        #: Answers, alerts and stream status, for every subscriber.
+        self.events = EventHub()
+        self.service = AskService(settings, self.events, sources=self.source)
         self.captures: dict[str, CaptureThread] = {
             s.name: CaptureThread(s, on_status=self._status_changed) for s in settings.sources
         }
@@ -44,8 +52,10 @@ class Runtime:
         return self.engine
 
     def start_inference(self) -> None:
+        from streamer.inference.loop import InferenceLoop
+
         engine = self.load_engine()
-        feeds = {name: StreamFeed(c.ring, c.cfg.sample_fps) for name, c in self.captures.items()}
+        feeds = {name: _feed(c) for name, c in self.captures.items()}
         model = self.settings.model
         self.loop = InferenceLoop(
             engine,
@@ -56,6 +66,7 @@ class Runtime:
             warm_frames=model.frames if model.fast_path and model.prewarm else 0,
         )
         self.loop.start()
+        self.service.attach(self.loop)
 
     def stop(self) -> None:
         if self.loop is not None:
@@ -63,54 +74,34 @@ class Runtime:
         for capture in self.captures.values():
             capture.stop()
 
-    def add_status_listener(self, listener: Callable[[StreamStatus], None]) -> None:
-        """Call ``listener`` (on a capture thread; it must return at once) on status changes."""
-        self._status_listeners.append(listener)
+    # -- streams -------------------------------------------------------------------------
 
-    def _status_changed(self, status: StreamStatus) -> None:
-        for listener in list(self._status_listeners):
-            listener(status)
+    def source(self, name: str) -> SourceConfig | None:
+        stream = self.captures.get(name)
+        return stream.cfg if stream is not None else None
 
-    def stream_objects(self) -> list[dict[str, Any]]:
-        """PROTOCOL.md stream objects of every stream, in config order."""
-        return [stream_object(c.status()) for c in self.captures.values()]
+    def ring_of(self, name: str) -> RingBuffer | None:
+        stream = self.captures.get(name)
+        return stream.ring if stream is not None else None
+
+    def statuses(self) -> list[StreamStatus]:
+        """Every stream's status, in config order."""
+        return [c.status() for c in list(self.captures.values())]
+
+    def _status_changed(self, status: StreamStatus) -> None:  # on a capture thread
+        self.events.publish(StreamChanged(status))
+
+    # -- the model -----------------------------------------------------------------------
+
+    @property
+    def model_note(self) -> str | None:
+        """The caveat users must see with every answer (e.g. random weights), once loaded."""
+        return self.engine.note if self.engine is not None else None
 
     def model_memory(self) -> dict[str, int]:
         """Bytes held by the model: its weights, and on CUDA what the allocator holds."""
         return engine_memory(self.engine)
 
-    def model_info(self) -> dict[str, Any]:
-        engine = self.engine
-        return {"id": self.settings.model.id, "note": engine.note if engine else None}
 
-
-def stream_object(st: StreamStatus) -> dict[str, Any]:
-    """A PROTOCOL.md stream object, plus the documented extensions."""
-    return {
-        "id": st.name,
-        "name": st.name,
-        "status": st.status,
-        "width": st.width,
-        "height": st.height,
-        "fps_in": st.fps_in,
-        "fps_sampled": st.fps_sampled,
-        "frames_buffered": st.frames_buffered,
-        "last_seq": st.last_seq,
-        "frames_dropped": st.frames_dropped,
-        "reconnects": st.reconnects,
-        "error": st.error,
-    }
-
-
-def stream_status_message(st: StreamStatus) -> dict[str, Any]:
-    """A PROTOCOL.md ``stream_status`` message (``error`` only when there is one)."""
-    return {
-        "type": "stream_status",
-        "stream": st.name,
-        "status": st.status,
-        "fps_in": st.fps_in,
-        "fps_sampled": st.fps_sampled,
-        "error": st.error,
-        "frames_dropped": st.frames_dropped,
-        "reconnects": st.reconnects,
-    }
+def _feed(stream: CaptureThread) -> StreamFeed:
+    return StreamFeed(stream.ring, stream.cfg.sample_fps)
