@@ -62,7 +62,7 @@ class SourceConfig(_Strict):
     url: str = Field(
         min_length=1,
         description="'demo' (synthetic test pattern), a webcam index or /dev/videoN, "
-        "a file path, or an rtsp:// (or other FFmpeg) URL",
+        "a file path, an rtsp:// (or other FFmpeg) URL, or 'push' (frames are handed in)",
     )
     sample_fps: float = Field(default=2.0, gt=0, le=60, description="frames kept per second of video")
     max_side: int = Field(default=640, ge=56, le=4096, description="longer side of kept frames, pixels")
@@ -86,14 +86,18 @@ class SourceConfig(_Strict):
         return self
 
     @property
-    def kind(self) -> Literal["demo", "webcam", "rtsp", "file"]:
+    def kind(self) -> SourceKind:
         return source_kind(self.url)
 
 
-def source_kind(url: str) -> Literal["demo", "webcam", "rtsp", "file"]:
+#: ``push``: nothing is read; frames are handed in (a browser camera, an uploaded clip).
+SourceKind = Literal["demo", "webcam", "rtsp", "file", "push"]
+
+
+def source_kind(url: str) -> SourceKind:
     """Classify a source URL: the one rule every part of streamer uses."""
-    if url == "demo":
-        return "demo"
+    if url in ("demo", "push"):
+        return url  # type: ignore[return-value]
     if url.isdigit() or re.fullmatch(r"/dev/video\d+", url):
         return "webcam"
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):

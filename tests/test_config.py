@@ -44,6 +44,7 @@ def test_webcam_config_uses_the_hub_model() -> None:
         ("http://example/stream.m3u8", "rtsp"),
         ("videos/clip.mp4", "file"),
         ("file:///tmp/clip.mp4", "file"),
+        ("push", "push"),
     ],
 )
 def test_source_kind(url: str, kind: str) -> None:

@@ -291,6 +291,8 @@ class OpenCVSource(Source):
 def make_source(cfg: SourceConfig) -> Source:
     """The source for a config entry, chosen by its URL."""
     kind = cfg.kind
+    if kind == "push":
+        raise SourceError(f"source {cfg.name!r} is pushed into (url 'push'): there is nothing to read")
     if kind == "demo":
         w, h = cfg.width or DEMO_SIZE[0], cfg.height or DEMO_SIZE[1]
         fps = cfg.fps or DEMO_FPS

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from streamer import __version__
-from streamer.capture import CaptureThread, RingBuffer, StreamStatus
+from streamer.capture import RingBuffer, Stream, StreamStatus, stream_for
 from streamer.config import Settings, SourceConfig
 from streamer.inference.questions import StreamFeed
 from streamer.inference.registry import create_engine, engine_memory
@@ -34,9 +34,7 @@ class Runtime:
         #: Answers, alerts and stream status, for every subscriber.
         self.events = EventHub()
         self.service = AskService(settings, self.events, sources=self.source)
-        self.captures: dict[str, CaptureThread] = {
-            s.name: CaptureThread(s, on_status=self._status_changed) for s in settings.sources
-        }
+        self.captures: dict[str, Stream] = {s.name: stream_for(s, self._status_changed) for s in settings.sources}
         self.engine = engine
         self.loop: InferenceLoop | None = None
         self.started_at = time.time()
@@ -76,6 +74,25 @@ class Runtime:
 
     # -- streams -------------------------------------------------------------------------
 
+    def add_source(self, cfg: SourceConfig) -> Stream:
+        """Start serving a new stream (a pushed one: ``url: push``) while running."""
+        if cfg.name in self.captures:
+            raise ValueError(f"there is a stream named {cfg.name!r} already")
+        stream = stream_for(cfg, self._status_changed)
+        self.captures[cfg.name] = stream
+        stream.start()
+        if self.loop is not None:
+            self.loop.add_stream(cfg.name, _feed(stream))
+        return stream
+
+    def remove_source(self, name: str) -> None:
+        """Stop serving a stream: its open questions and watches end, its subscribers hear it is down."""
+        stream = self.captures.pop(name)
+        stream.stop()
+        if self.loop is not None:
+            self.loop.remove_stream(name)
+        stream.health.set_state("down", "removed")
+
     def source(self, name: str) -> SourceConfig | None:
         stream = self.captures.get(name)
         return stream.cfg if stream is not None else None
@@ -85,7 +102,7 @@ class Runtime:
         return stream.ring if stream is not None else None
 
     def statuses(self) -> list[StreamStatus]:
-        """Every stream's status, in config order."""
+        """Every stream's status, configured ones first, in order."""
         return [c.status() for c in list(self.captures.values())]
 
     def _status_changed(self, status: StreamStatus) -> None:  # on a capture thread
@@ -103,5 +120,5 @@ class Runtime:
         return engine_memory(self.engine)
 
 
-def _feed(stream: CaptureThread) -> StreamFeed:
+def _feed(stream: Stream) -> StreamFeed:
     return StreamFeed(stream.ring, stream.cfg.sample_fps)
