@@ -256,7 +256,9 @@ class ServerConfig(_Strict):
     ping_timeout_s: float = Field(default=20.0, gt=0)
     shutdown_deadline_s: float = Field(default=10.0, gt=0, le=600, description="time to finish open answers on SIGTERM")
     log_json: bool = Field(default=False, description="log one JSON object per line")
-    dashboard_dir: Path | None = Field(default=None, description="browser dashboard files; None: clients/web")
+    dashboard_dir: Path | None = Field(
+        default=None, description="browser dashboard files; None: the dashboard shipped in the package"
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

@@ -8,11 +8,13 @@ route sits behind the Host and Origin checks of :mod:`streamer.server.security`.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,8 +37,19 @@ from streamer.service import Answered, Failed, Subscription
 log = logging.getLogger(__name__)
 
 
-#: The browser dashboard in a source checkout (``pip install -e .``).
-DEFAULT_DASHBOARD = Path(__file__).resolve().parents[2] / "clients" / "web"
+def packaged_dashboard() -> Path:
+    """The browser dashboard shipped as package data (``streamer.web``: ``clients/web`` in a
+    source checkout, ``streamer/web`` in an installed wheel)."""
+    return Path(str(importlib.resources.files("streamer.web")))
+
+
+class DashboardFiles(StaticFiles):
+    """The dashboard's static files; the package's own module files are not served."""
+
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        if any(part.startswith("__") for part in PurePosixPath(path).parts):  # __init__.py, __pycache__
+            return "", None
+        return super().lookup_path(path)
 
 
 def create_app(runtime: Runtime) -> Starlette:
@@ -67,9 +80,9 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/metrics", metrics),
         WebSocketRoute("/ws", websocket_endpoint),
     ]
-    dashboard = runtime.settings.server.dashboard_dir or DEFAULT_DASHBOARD
+    dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
     if dashboard.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard"))
+        routes.append(Mount("/", DashboardFiles(directory=dashboard, html=True), name="dashboard"))
     else:
         log.warning("no dashboard at %s: GET / will answer 404", dashboard)
     on_refused = state.metrics.refused.labels
