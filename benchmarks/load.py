@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 import websockets
 
 from streamer.bench import start_server
+from streamer_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_ERRORS = {"busy", "rate_limited"}
@@ -49,40 +49,33 @@ class Stats:
 
 async def watcher(url: str, stats: Stats, stop: asyncio.Event, preview_fps: float) -> None:
     try:
-        async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
-            await ws.send(
-                json.dumps({"type": "subscribe", "stream": "demo", "preview_fps": preview_fps, "max_width": 320})
-            )
+        async with await Client.connect(url, open_timeout=30) as client:
+            await client.send({"type": "subscribe", "stream": "demo", "preview_fps": preview_fps, "max_width": 320})
             while not stop.is_set():
                 try:
-                    raw = await asyncio.wait_for(ws.recv(), 0.5)
+                    frame = await client.receive(0.5)
                 except TimeoutError:
                     continue
                 stats.messages += 1
-                if isinstance(raw, bytes):
+                if isinstance(frame, bytes):
                     stats.previews += 1
-                elif (m := json.loads(raw))["type"] == "error":
-                    stats.errors[m["code"]] += 1
+                elif frame["type"] == "error":
+                    stats.errors[frame["code"]] += 1
     except (OSError, websockets.WebSocketException):
         stats.connect_failures += 1
 
 
 async def asker(url: str, n: int, stats: Stats, stop: asyncio.Event, max_new_tokens: int) -> None:
     try:
-        async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
+        async with await Client.connect(url, open_timeout=30) as client:
             k = 0
             while not stop.is_set():
-                qid = f"a{n}-{k}"
                 k += 1
                 sent = time.monotonic()
                 first: float | None = None
-                await ws.send(json.dumps({"type": "ask", "id": qid, "stream": "demo", "question": "What is moving?",
-                                          "max_new_tokens": max_new_tokens}))  # fmt: skip
-                while True:
-                    m = json.loads(await ws.recv())
+                qid = await client.send_ask("demo", "What is moving?", id=f"a{n}-{k}", max_new_tokens=max_new_tokens)
+                async for m in client.messages_of(qid, timeout=None):
                     stats.messages += 1
-                    if m.get("id") != qid:
-                        continue
                     if m["type"] == "token" and first is None:
                         first = time.monotonic() - sent
                     elif m["type"] == "answer":
@@ -91,11 +84,11 @@ async def asker(url: str, n: int, stats: Stats, stop: asyncio.Event, max_new_tok
                             stats.ttft_client.append(first)
                         if m["timings"]["first_token_ms"] is not None:
                             stats.ttft_server.append(m["timings"]["first_token_ms"] / 1000)
-                        break
                     elif m["type"] == "error":
                         stats.errors[m["code"]] += 1
                         await asyncio.sleep(0.5)  # busy or rate limited: back off a little
-                        break
+                stats.messages += len(client.pending)  # the others it passed over (the welcome)
+                client.pending.clear()
     except (OSError, websockets.WebSocketException):
         stats.connect_failures += 1
 

@@ -33,7 +33,7 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from streamer.capture.recording import write_video
+from streamer.benchmark.clips import write_video
 from streamer.config import cache_dir
 
 # Qwen2-VL-2B-Instruct's shape (config.json on the Hub).

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamer.benchmark.clips import write_video
 from streamer.capture import CaptureThread, TimestampSampler, mask_url
-from streamer.capture.recording import write_video
 from streamer.capture.sources import fit_within
 from streamer.config import SourceConfig
 

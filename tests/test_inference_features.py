@@ -15,7 +15,7 @@ import torch
 import websockets
 
 from streamer.bench import reference_inputs
-from streamer.capture.recording import write_video
+from streamer.benchmark.clips import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model

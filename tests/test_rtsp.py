@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamer.benchmark.clips import write_video
 from streamer.capture import CaptureThread, StreamStatus
-from streamer.capture.recording import write_video
 from streamer.capture.sources import OpenCVSource
 from streamer.config import SourceConfig
 from tests.rtsp import RtspServer, require_gstreamer

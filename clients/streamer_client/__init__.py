@@ -1,8 +1,11 @@
-"""A terminal client for streamer's WebSocket protocol (PROTOCOL.md, version 1).
+"""A client for streamer's WebSocket protocol (PROTOCOL.md, version 1): a library and a
+terminal program.
 
-Self-contained: it needs Python 3.10+ and the ``websockets`` package, nothing from the
-``streamer`` package, so this folder can be copied next to any program. ``streamer ask``
-runs it; ``python -m streamer_client --help`` does too.
+:class:`Client` is the one Python client of the protocol: ``streamer ask``, the tests and
+the benchmarks use it. :func:`main` is the terminal program (``streamer ask``, or
+``python -m streamer_client --help``). Self-contained: it needs Python 3.10+ and the
+``websockets`` package, nothing from the ``streamer`` package, so this folder can be copied
+next to any program.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 import websockets
@@ -46,6 +50,124 @@ def describe_answer(answer: dict[str, Any]) -> str:
     )
 
 
+FINAL = ("answer", "error")
+
+
+class ServerError(Exception):
+    """The server answered with an ``error`` message."""
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        super().__init__(f"{message.get('code')}: {message.get('message')}")
+        self.code = message.get("code")
+        self.message = message
+
+
+class Client:
+    """One connection to a streamer server, speaking PROTOCOL.md.
+
+    Reads return messages in the order the server sent them. The reads that look for one
+    kind of message or one question's (:meth:`recv_type`, :meth:`messages_of`) keep the
+    messages they pass over and hand them to later reads, so nothing is lost. JSON reads
+    skip binary frames (preview images); :meth:`receive` returns them.
+    """
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.pending: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, url: str, *, token: str | None = None, **options: Any) -> Client:
+        """Open a connection; ``token`` goes in ``Authorization: Bearer``; ``options`` go to
+        ``websockets.connect`` (``origin``, ``additional_headers``, ``open_timeout``...)."""
+        if token:
+            options["additional_headers"] = {
+                **(options.get("additional_headers") or {}),
+                "Authorization": f"Bearer {token}",
+            }
+        return cls(await websockets.connect(url, max_size=None, **options))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.ws.send(message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))
+
+    async def receive(self, timeout: float | None = 30.0) -> dict[str, Any] | bytes:
+        """The next frame: a message, or the bytes of a preview image."""
+        if self.pending:
+            return self.pending.pop(0)
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        return raw if isinstance(raw, bytes) else json.loads(raw)
+
+    async def recv(self, timeout: float | None = 30.0) -> dict[str, Any]:
+        """The next message (preview images are skipped)."""
+        while True:
+            frame = await self.receive(timeout)
+            if not isinstance(frame, bytes):
+                return frame
+
+    async def recv_type(self, kind: str, timeout: float | None = 30.0) -> dict[str, Any]:
+        """The next message of ``kind``; messages of other kinds are kept for later."""
+        skipped = []
+        try:
+            while True:
+                m = await self.recv(timeout)
+                if m["type"] == kind:
+                    return m
+                skipped.append(m)
+        finally:
+            self.pending = skipped + self.pending
+
+    async def welcome(self, timeout: float | None = 30.0) -> dict[str, Any]:
+        """The server's first message, a ``welcome``; raises :class:`ServerError` when it is an
+        ``error`` instead (``unauthorized``, ``busy``)."""
+        first = await self.recv(timeout)
+        if first.get("type") == "error":
+            raise ServerError(first)
+        return first
+
+    async def send_ask(self, stream: str, question: str, *, id: str | None = None, **options: Any) -> str:
+        """Send an ``ask`` (``options``: ``frames``, ``max_new_tokens``, ``mode``); returns its id."""
+        qid = id or uuid.uuid4().hex[:12]
+        await self.send({"type": "ask", "id": qid, "stream": stream, "question": question, **options})
+        return qid
+
+    async def messages_of(self, qid: str, timeout: float | None = 60.0) -> AsyncIterator[dict[str, Any]]:
+        """The messages about question ``qid`` as they come, up to and including its
+        ``answer`` or ``error``; within ``timeout`` seconds in all (None: no limit)."""
+        others: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                m = await self.recv(None if deadline is None else max(0.1, deadline - loop.time()))
+                if m.get("id") != qid:
+                    others.append(m)
+                    continue
+                yield m
+                if m["type"] in FINAL:
+                    return
+        finally:
+            self.pending = others + self.pending
+
+    async def until_final(self, qid: str, timeout: float | None = 60.0) -> list[dict[str, Any]]:
+        """All the messages about question ``qid`` up to and including its answer or error."""
+        return [m async for m in self.messages_of(qid, timeout)]
+
+    async def ask(
+        self, stream: str, question: str, *, id: str | None = None, timeout: float | None = 60.0, **options: Any
+    ) -> list[dict[str, Any]]:
+        """Ask and wait: the question's messages (``accepted``, ``token``s, then its answer or error)."""
+        qid = await self.send_ask(stream, question, id=id, **options)
+        return await self.until_final(qid, timeout)
+
+
 async def ask(
     url: str,
     stream: str,
@@ -63,35 +185,28 @@ async def ask(
     Returns a process exit code: 0 answered, 1 the server answered with an error,
     2 could not connect, 3 refused (authentication), 130 interrupted.
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        connection = await websockets.connect(url, additional_headers=headers, open_timeout=open_timeout, max_size=None)
+        client = await Client.connect(url, token=token, open_timeout=open_timeout)
     except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
         print(f"error: cannot connect to {url}: {exc}", file=err)
         print("Is `streamer demo` or `streamer serve` running there?", file=err)
         return EXIT_CONNECT
-    async with connection as ws:
-        welcome = json.loads(await ws.recv())
-        if welcome.get("type") == "error":
-            print(f"error: {welcome.get('code')}: {welcome.get('message')}", file=err)
-            return EXIT_AUTH if welcome.get("code") == "unauthorized" else EXIT_ERROR
+    async with client:
+        try:
+            welcome = await client.welcome(timeout=None)
+        except ServerError as refused:
+            print(f"error: {refused}", file=err)
+            return EXIT_AUTH if refused.code == "unauthorized" else EXIT_ERROR
+        except websockets.ConnectionClosed as exc:
+            print(f"error: the server closed the connection ({exc})", file=err)
+            return EXIT_ERROR
         note = (welcome.get("model") or {}).get("note")
         if note:
             print(f"note: {note}", file=err)
-        qid = uuid.uuid4().hex[:12]
-        msg: dict[str, Any] = {"type": "ask", "id": qid, "stream": stream, "question": question}
-        if frames is not None:
-            msg["frames"] = frames
-        if max_new_tokens is not None:
-            msg["max_new_tokens"] = max_new_tokens
-        await ws.send(json.dumps(msg, ensure_ascii=False))
+        options = {k: v for k, v in (("frames", frames), ("max_new_tokens", max_new_tokens)) if v is not None}
+        qid = await client.send_ask(stream, question, **options)
         try:
-            async for raw in ws:
-                if isinstance(raw, bytes):
-                    continue  # preview images: not for us
-                m = json.loads(raw)
-                if m.get("id") != qid:
-                    continue
+            async for m in client.messages_of(qid, timeout=None):
                 kind = m.get("type")
                 if kind == "accepted" and m.get("position"):
                     print(f"(queued, position {m['position']})", file=err)
@@ -106,7 +221,7 @@ async def ask(
                     print(f"\nerror: {m.get('code')}: {m.get('message')}", file=err)
                     return EXIT_ERROR
         except asyncio.CancelledError:
-            await ws.send(json.dumps({"type": "cancel", "id": qid}))
+            await client.send({"type": "cancel", "id": qid})
             raise
         except websockets.ConnectionClosed as exc:
             print(f"\nerror: the server closed the connection ({exc})", file=err)

@@ -1,4 +1,6 @@
-"""Write RGB frames to a video file with PyAV (test clips, benchmark inputs)."""
+"""Video files made from frames: the benchmark's input clip, and the tests' clips.
+
+Written with PyAV, read back by streamer's own sources like any other file."""
 
 from __future__ import annotations
 
