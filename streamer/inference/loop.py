@@ -25,9 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
+from streamer.capture.ring import Frame
 from streamer.inference.engine import Engine, GenerationRequest
 from streamer.inference.policy import SHUTTING_DOWN, Ended, Job, Policy, Standing, WatchProgress, answer_of
-from streamer.inference.questions import ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
+from streamer.inference.questions import Answer, ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,71 @@ WARM_POLL_S = 0.2
 #: How long warming pauses after it failed, seconds.
 WARM_PAUSE_S = 30.0
 _STOP_REASONS = {"cancelled": "cancelled by the client", "shutting_down": SHUTTING_DOWN[1]}
+
+
+class Reports:
+    """Tells sinks how questions and watches ended, each exactly once (the policy keeps count)."""
+
+    def __init__(self, lock: threading.Condition, policy: Policy) -> None:
+        self._lock = lock
+        self._policy = policy
+
+    def end(self, ended: Ended, code: ErrorCode, message: str) -> None:
+        """End what the policy took out (watches first: their waiting rounds then say nothing)."""
+        for st in ended.watches:
+            self.watch_ended(st, code, message)
+        for job in ended.queued:
+            self.failed(job, code, message)
+
+    def failed(self, job: Job, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            first = self._policy.finish(job, code)
+        if first and not job.silenced:
+            q = job.question
+            try:
+                q.sink.on_error(q, code, message)
+            except Exception:
+                log.exception("sink failed on error for question %s", q.id)
+
+    def answered(self, job: Job, answer: Answer) -> None:
+        with self._lock:
+            first = self._policy.finish(job, "answer")
+        if first and not job.silenced:
+            job.question.sink.on_answer(job.question, answer)
+
+    def watch_ended(self, st: Standing, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            first = self._policy.end_watch(st)
+        if first:
+            try:
+                st.watch.sink.on_watch_end(st.watch, code, message)
+            except Exception:
+                log.exception("sink failed ending watch %s", st.watch.id)
+
+
+class Warmer:
+    """Work ahead of questions while the loop is idle: the engine prepares each stream's newest
+    window of ``frames`` frames. A failure is logged and pauses it for a while; questions are
+    not affected."""
+
+    def __init__(self, engine: Engine, frames: int) -> None:
+        self.engine = engine
+        self.frames = frames
+        self._paused_until = 0.0
+
+    def step(self, streams: Mapping[str, StreamFeed]) -> bool:
+        """One piece of work; True if the engine had some."""
+        if time.monotonic() < self._paused_until:
+            return False
+        try:
+            for name, feed in list(streams.items()):
+                frames = window_of(feed.ring, self.frames)
+                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                    return True
+        except Exception:
+            log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
+            self._paused_until = time.monotonic() + WARM_PAUSE_S
+        return False
 
 
 class InferenceLoop:
@@ -61,8 +127,9 @@ class InferenceLoop:
         self.batch_window_s = batch_window_s
         self.warm_frames = warm_frames
         self._policy = Policy(self.streams, queue_size=queue_size, max_batch=max_batch)
-        self._warm_paused_until = 0.0
         self._lock = threading.Condition(threading.Lock())
+        self._reports = Reports(self._lock, self._policy)
+        self._warmer = Warmer(engine, warm_frames)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -77,7 +144,7 @@ class InferenceLoop:
         with self._lock:
             ended = self._policy.stop()
             self._lock.notify_all()
-        self._end(ended, *SHUTTING_DOWN)
+        self._reports.end(ended, *SHUTTING_DOWN)
         if finish_running_within > 0 and self._thread.is_alive():
             self._thread.join(finish_running_within)
         with self._lock:
@@ -94,9 +161,9 @@ class InferenceLoop:
                 q.sink.on_accepted(q, admission.position)
                 self._lock.notify_all()
         for job in admission.superseded:
-            self._fail(job, "superseded", f"superseded by question {q.id!r}")
+            self._reports.failed(job, "superseded", f"superseded by question {q.id!r}")
         if admission.refusal is not None:
-            self._fail(admission.item, *admission.refusal)
+            self._reports.failed(admission.item, *admission.refusal)
             raise Rejected(*admission.refusal)
         return admission.position
 
@@ -109,7 +176,7 @@ class InferenceLoop:
                 w.sink.on_watch_accepted(w, admission.position)
                 self._lock.notify_all()
         if admission.refusal is not None:
-            self._end_watch(admission.item, *admission.refusal)
+            self._reports.watch_ended(admission.item, *admission.refusal)
             raise Rejected(*admission.refusal)
         return admission.item
 
@@ -131,7 +198,7 @@ class InferenceLoop:
         with self._lock:
             self.streams.pop(name, None)
             ended = self._policy.drop_stream(name)
-        self._end(ended, "unknown_stream", f"stream {name!r} was removed")
+        self._reports.end(ended, "unknown_stream", f"stream {name!r} was removed")
 
     # -- reading, from any thread ---------------------------------------------------------
 
@@ -161,39 +228,11 @@ class InferenceLoop:
         with self._lock:
             return dict(self._policy.outcomes)
 
-    # -- endings ---------------------------------------------------------------------------
-
     def _cancel_where(self, match: Callable[[Hashable, str], bool]) -> int:
         with self._lock:
             ended = self._policy.cancel(match)
-        self._end(ended, "cancelled", _STOP_REASONS["cancelled"])
+        self._reports.end(ended, "cancelled", _STOP_REASONS["cancelled"])
         return len(ended.queued) + len(ended.watches) + sum(1 for job in ended.running if job.standing is None)
-
-    def _end(self, ended: Ended, code: ErrorCode, message: str) -> None:
-        """End what the policy took out (watches first: their waiting rounds then say nothing)."""
-        for st in ended.watches:
-            self._end_watch(st, code, message)
-        for job in ended.queued:
-            self._fail(job, code, message)
-
-    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
-        with self._lock:
-            first = self._policy.finish(job, code)
-        if first and not job.silenced:
-            q = job.question
-            try:
-                q.sink.on_error(q, code, message)
-            except Exception:
-                log.exception("sink failed on error for question %s", q.id)
-
-    def _end_watch(self, st: Standing, code: ErrorCode, message: str) -> None:
-        with self._lock:
-            first = self._policy.end_watch(st)
-        if first:
-            try:
-                st.watch.sink.on_watch_end(st.watch, code, message)
-            except Exception:
-                log.exception("sink failed ending watch %s", st.watch.id)
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -204,7 +243,7 @@ class InferenceLoop:
                 return
             batch, wait = step
             if not batch:
-                if not self._warm():
+                if not (self.warm_frames and self._warmer.step(self.streams)):
                     with self._lock:
                         if not self._policy.queue and not self._policy.stopping:
                             self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
@@ -214,7 +253,7 @@ class InferenceLoop:
             except Exception as err:  # the loop outlives any one question
                 log.exception("questions %s failed", [job.id for job in batch])
                 for job in batch:
-                    self._fail(job, "internal", _describe_failure(err))
+                    self._reports.failed(job, "internal", _describe_failure(err))
             finally:
                 with self._lock:
                     self._policy.batch_done()
@@ -240,21 +279,6 @@ class InferenceLoop:
                     return None
             return (policy.take_batch() if policy.queue else []), wait
 
-    def _warm(self) -> bool:
-        """One piece of work ahead of questions; True if the engine had some. A failure here
-        is logged and warming pauses for a while; questions are not affected."""
-        if time.monotonic() < self._warm_paused_until:
-            return False
-        try:
-            for name, feed in list(self.streams.items()):
-                frames = window_of(feed.ring, self.warm_frames)
-                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
-                    return True
-        except Exception:
-            log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
-            self._warm_paused_until = time.monotonic() + WARM_PAUSE_S
-        return False
-
     def _answer(self, batch: list[Job]) -> None:
         started = time.monotonic()
         first = batch[0].question
@@ -262,33 +286,35 @@ class InferenceLoop:
         frames = window_of(feed.ring, 1 if first.mode == "image" else first.frames) if feed is not None else []
         if feed is None or not frames:
             for job in batch:
-                self._fail(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
+                self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
             return
-        requests = [
-            GenerationRequest(
-                frames=[f.rgb for f in frames],
-                question=job.question.text,
-                max_new_tokens=job.question.max_new_tokens,
-                sample_fps=feed.sample_fps,
-                mode=job.question.mode,
-                stream=job.stream,
-                frame_ids=tuple((f.seq, f.ts) for f in frames),
-            )
-            for job in batch
-        ]
         results = self.engine.generate_batch(
-            requests, [_text_to(job) for job in batch], [_stop_of(job) for job in batch]
+            _requests(batch, frames, feed.sample_fps),
+            [_text_to(job) for job in batch],
+            [_stop_of(job) for job in batch],
         )
         done = time.monotonic()
         for job, result in zip(batch, results, strict=True):
             if job.stop_code is not None:
-                self._fail(job, job.stop_code, _STOP_REASONS[job.stop_code])
+                self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
                 continue
-            answer = answer_of(job, result.text, frames, started, result.first_token_at, done)
-            with self._lock:
-                first_word = self._policy.finish(job, "answer")
-            if first_word and not job.silenced:
-                job.question.sink.on_answer(job.question, answer)
+            self._reports.answered(job, answer_of(job, result.text, frames, started, result.first_token_at, done))
+
+
+def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[GenerationRequest]:
+    """What the engine is asked: each question of the batch about the same frames."""
+    return [
+        GenerationRequest(
+            frames=[f.rgb for f in frames],
+            question=job.question.text,
+            max_new_tokens=job.question.max_new_tokens,
+            sample_fps=sample_fps,
+            mode=job.question.mode,
+            stream=job.stream,
+            frame_ids=tuple((f.seq, f.ts) for f in frames),
+        )
+        for job in batch
+    ]
 
 
 def _text_to(job: Job) -> Callable[[str], None]:
