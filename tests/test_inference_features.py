@@ -14,11 +14,11 @@ import pytest
 import torch
 import websockets
 
-from streamer.bench import reference_inputs
 from streamer.capture.recording import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
+from streamer.inference.reference import reference_inputs
 from streamer.inference.scheduler import FairQueue, Question
 from tests.conftest import ServerProcess
 from tests.inproc import InProcessServer
