@@ -8,9 +8,10 @@ temperature, top-k, top-p, ...) and the stopping criteria (end tokens, length, s
 with the very methods ``generate`` calls, for one question's prompt, so the fast path applies
 exactly what ``generate`` would apply to a batch of one.
 
-What the fast path cannot reproduce (beam search, assisted or contrastive decoding,
-classifier-free guidance, other cache kinds...) is named by :func:`unsupported`; such
-settings send questions down the plain ``generate`` path.
+What the fast path cannot reproduce (beam search, assisted or contrastive decoding, several
+sequences per question, classifier-free guidance, other cache kinds or no cache, chunked
+prefill, token healing) is named by :func:`unsupported`; such settings send questions down
+the plain ``generate`` path.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ def unsupported(config: Any) -> str | None:
         "cache_implementation": config.cache_implementation is not None,
         "prefill_chunk_size": config.prefill_chunk_size is not None,
         "token_healing": bool(config.token_healing),
-        "watermarking_config": config.watermarking_config is not None,
     }
     names = [name for name, applies in reasons.items() if applies]
     if names:

@@ -9,7 +9,9 @@ Qwen2-VL's special tokens, and a processor with Qwen2-VL's chat template.
 Its answers are gibberish: the weights are random. It exists to exercise every code path,
 not to answer anything. Two variants cover what real checkpoints bring: a tiny Qwen2.5-VL
 (windowed vision attention, time-scaled M-RoPE), and a tiny Qwen2-VL whose
-``generation_config.json`` carries the sampling settings the Instruct checkpoints ship.
+``generation_config.json`` carries the sampling settings the Instruct checkpoints ship. Their
+text weights are drawn wider, so that, like trained models, their answers change when a
+token's position does (tests of exactness need that).
 
 The shape follows ``NOTES-qwen2vl.md`` so that vLLM's CPU backend can serve the same folder:
 text head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...), mrope_section summing to
@@ -116,11 +118,16 @@ TINY_VISION_2_5 = {
 #: (besides the special tokens): sampling that is greedy in effect, and a repetition penalty.
 INSTRUCT_GENERATION = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperature": 0.1, "repetition_penalty": 1.05}
 
-#: The tiny variants by model id: (folder name, model type, generation settings).
-TINY_VARIANTS: dict[str, tuple[str, str, dict]] = {
-    "tiny-random": ("tiny-qwen2-vl", "qwen2_vl", {}),
-    "tiny-random-instruct": ("tiny-qwen2-vl-instruct", "qwen2_vl", INSTRUCT_GENERATION),
-    "tiny-random-qwen2.5-vl": ("tiny-qwen2.5-vl", "qwen2_5_vl", {}),
+#: The text model of the newer variants: weights drawn 5x wider than transformers' default, so
+#: attention is sharp and answers depend on token positions as a trained model's do (with the
+#: default spread attention is nearly uniform and a wrong position rarely changes a token).
+TINY_TEXT_SHARP = {**TINY_TEXT, "initializer_range": 0.1}
+
+#: The tiny variants by model id: (folder name, model type, text config, generation settings).
+TINY_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
+    "tiny-random": ("tiny-qwen2-vl", "qwen2_vl", TINY_TEXT, {}),
+    "tiny-random-instruct": ("tiny-qwen2-vl-instruct", "qwen2_vl", TINY_TEXT_SHARP, INSTRUCT_GENERATION),
+    "tiny-random-qwen2.5-vl": ("tiny-qwen2.5-vl", "qwen2_5_vl", TINY_TEXT_SHARP, {}),
 }
 
 
@@ -288,10 +295,10 @@ def build_tiny_model(
 
     Deterministic: the same seed and library versions give the same weights and tokenizer.
     """
-    _, model_type, generation = TINY_VARIANTS[variant]
+    _, model_type, text, generation = TINY_VARIANTS[variant]
     return build_model_folder(
         out_dir,
-        text=TINY_TEXT,
+        text=text,
         vision=TINY_VISION_2_5 if model_type == "qwen2_5_vl" else TINY_VISION,
         seed=TINY_MODEL_SEED,
         marker={"version": TINY_MODEL_VERSION, "note": GIBBERISH_NOTE, "variant": variant},
