@@ -342,3 +342,12 @@ def test_out_of_memory_in_a_fast_batch_ends_that_batch_and_the_next_runs(
     assert sink.finals() == {"a": ["internal"], "b": ["internal"], "c": ["internal"], "after": ["answer"]}
     assert all("ran out of memory" in sink.messages[q] for q in "abc")
     assert len(engine.prefix_cache) == 1  # the next batch prefilled again
+
+
+def test_settings_set_in_the_config_override_the_checkpoints_and_unset_ones_keep_them(instruct: LoadedModel) -> None:
+    """streamer's generation settings merge over generation_config.json as generate's keyword arguments do."""
+    kept = TransformersEngine(instruct, ModelConfig(id="tiny-random-instruct"))._generation
+    assert (kept.do_sample, kept.top_k, kept.temperature, kept.repetition_penalty) == (True, 1, 0.1, 1.05)
+    greedy = TransformersEngine(instruct, ModelConfig(id="tiny-random-instruct", do_sample=False))._generation
+    assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.05)
+    assert ModelConfig().generation_kwargs() == {}
