@@ -105,6 +105,7 @@ def bench_model(factor: int) -> Path:
         f"building the benchmark model: Qwen2-VL-2B shape, depths /{factor} (text {text['num_hidden_layers']}, "
         f"vision {vision['depth']} layers), random weights; once, cached in {folder}"
     )
+    cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bench-build-", dir=cache_dir()))
     build_model_folder(
         tmp,

@@ -75,7 +75,8 @@ def reference_generate(
     import torch
 
     inputs = inputs.to(model.device)
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **generation)
