@@ -14,11 +14,11 @@ import pytest
 import torch
 import websockets
 
-from streamer.bench import reference_inputs
 from streamer.capture.recording import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
+from streamer.inference.reference import reference_generate, reference_inputs
 from streamer.inference.scheduler import FairQueue, Question
 from tests.conftest import ServerProcess
 from tests.inproc import InProcessServer
@@ -327,9 +327,7 @@ def test_greedy_tokens_equal_the_reference_pipeline(tiny_engine: TransformersEng
     inputs = reference_inputs(
         loaded.processor, frames, "What is moving?", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
     )
-    with torch.inference_mode():
-        out = loaded.model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    reference = out[0, inputs["input_ids"].shape[1] :].tolist()
+    reference = reference_generate(loaded.model, inputs, max_new_tokens=24)
     assert len(reference) > 0
     plain = GenerationRequest(frames=frames, question="What is moving?", max_new_tokens=24, sample_fps=2.0)
     fast = GenerationRequest(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from streamer.capture.ring import Frame, RingBuffer
-from streamer.inference.engine import Engine, GenerationRequest
+from streamer.inference.engine import Engine, GenerationRequest, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class Answer:
     total_ms: float
     #: For a watch round: the ``alert_contains`` text when the answer contains it.
     matched: str | None = None
+    #: The generated token ids (the end token included when the answer ended with one).
+    token_ids: tuple[int, ...] = ()
 
 
 class AnswerSink(Protocol):
@@ -507,7 +509,8 @@ class InferenceLoop:
         try:
             for name, feed in self.streams.items():
                 frames = window_of(feed.ring, self.warm_frames)
-                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
+                if frames and self.engine.warm(name, rgb, ids, feed.sample_fps):
                     return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
@@ -562,6 +565,7 @@ class InferenceLoop:
                 first_token_ms=None if first_at is None else round((first_at - q.received_at) * 1000, 1),
                 total_ms=round((done - q.received_at) * 1000, 1),
                 matched=q.watch.matches(result.text) if q.watch is not None else None,
+                token_ids=tuple(result.token_ids),
             )
             if self._finish_once(q, "answer") and not _silenced(q):
                 q.sink.on_answer(q, answer)
@@ -575,7 +579,7 @@ def _silenced(q: Question) -> bool:
 def _describe_failure(err: Exception) -> str:
     import torch
 
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        torch.cuda.empty_cache()
-        return "inference ran out of GPU memory; try fewer frames or a smaller max_pixels"
+    if is_out_of_memory(err):
+        where = "GPU memory" if isinstance(err, torch.OutOfMemoryError) else "memory"
+        return f"inference ran out of {where}; try fewer frames or a smaller max_pixels"
     return f"inference failed: {type(err).__name__}: {err}"

@@ -127,6 +127,7 @@ class _QuestionSink:
                     "total_ms": answer.total_ms,
                 },
                 "watch": True if q.watch is not None else None,
+                "token_ids": list(answer.token_ids),
             },
             final_id=None if q.watch is not None else q.id,
         )
