@@ -326,7 +326,8 @@ def ensure_tiny_model(variant: str = "tiny-random", *, progress: Callable[[str],
     target.parent.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
     started = time.monotonic()
-    say(f"building the tiny random model {variant!r} in {target} (first use only)")
+    family = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}[TINY_VARIANTS[variant][1]]
+    say(f"building the tiny random {family} {variant!r} in {target} (first use only)")
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
         build_tiny_model(tmp, variant, progress=say)
