@@ -103,22 +103,21 @@ async def test_watch_rounds_come_at_the_cadence_and_end_on_cancel(demo_server: S
         {"type": "watch", "id": "w", "stream": "demo", "question": "Anyone?", "every_s": 1, "max_new_tokens": 2}
     )
     accepted = await client.recv_type("accepted")
-    rounds_started, answers = [], []
+    accepted_at = time.monotonic()
+    arrivals, answers = [], []
     while len(answers) < 4:
         m = await client.recv_type("answer", timeout=30)
-        # When the round was queued (its slot on the grid): the answer's arrival less the
-        # time it took, so that how long the model took on a loaded machine drops out.
-        rounds_started.append(time.monotonic() - m["timings"]["total_ms"] / 1000)
+        arrivals.append(time.monotonic() - accepted_at)
         answers.append(m)
     await client.send({"type": "cancel", "id": "w"})
     end = await client.until_final("w")
     await client.close()
     assert accepted["id"] == "w"
     assert all(a["watch"] is True and a["id"] == "w" for a in answers)
-    # every_s = 1: rounds never come faster than the cadence (a round that falls due while
-    # one runs is skipped, so a gap may be 2 s or more on a loaded machine).
-    gaps = np.diff(rounds_started)
-    assert np.all(gaps > 0.5), gaps
+    # every_s = 1: round k falls due k seconds after the watch started, on a grid, so its
+    # answer cannot arrive sooner (1 s of slack for the accepted message's own delivery).
+    # Only a lower bound: on a loaded machine rounds start late or are skipped.
+    assert all(at >= k - 1.0 for k, at in enumerate(arrivals)), arrivals
     seqs = [a["frames"]["last_seq"] for a in answers]
     assert seqs == sorted(seqs) and seqs[-1] > seqs[0]  # each round looks at fresh frames
     assert end[-1] == {"type": "error", "id": "w", "code": "cancelled", "message": end[-1]["message"]}
