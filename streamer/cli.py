@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     _configure_logging(args.log_level, settings.server.log_json)
     if settings.model.is_tiny:
-        _say("using the tiny random-weight Qwen2-VL: its answers are gibberish (it exercises the pipeline)")
+        _say(
+            f"using the tiny random-weight model {settings.model.id!r}: "
+            "its answers are gibberish (it exercises the pipeline)"
+        )
     return run_server(settings)
 
 

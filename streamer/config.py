@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 #: a folder in the cache (built on first use) and then loaded with ``from_pretrained`` like
 #: any other model. Its answers are gibberish.
 TINY_MODEL_ID = "tiny-random"
+#: Every tiny model id: the default above, one whose generation settings are those an Instruct
+#: checkpoint ships, and a tiny Qwen2.5-VL. Resolved and loaded the same way.
+TINY_MODEL_IDS = (TINY_MODEL_ID, "tiny-random-instruct", "tiny-random-qwen2.5-vl")
 
 #: The configuration ``streamer demo`` runs (``configs/demo.yaml`` holds the same).
 DEMO_CONFIG: dict[str, Any] = {
@@ -174,7 +177,7 @@ class ModelConfig(_Strict):
     id: str = Field(
         default="Qwen/Qwen2-VL-2B-Instruct",
         min_length=1,
-        description=f"hub id or local folder; '{TINY_MODEL_ID}' is the project's tiny random model",
+        description=f"hub id or local folder; {', '.join(TINY_MODEL_IDS)}: the project's tiny random models",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -185,16 +188,31 @@ class ModelConfig(_Strict):
     max_new_tokens: int = Field(default=128, ge=1, le=1024)
     system_prompt: str | None = None
     mode: Literal["video", "image"] = Field(default="video", description="default input: newest frames or newest frame")
-    do_sample: bool = Field(default=False, description="sample instead of greedy decoding")
+    # Generation settings: each one set here overrides the checkpoint's generation_config.json,
+    # each one left unset keeps it (what model.generate does with keyword arguments).
+    do_sample: bool | None = Field(default=None, description="sample instead of greedy decoding; None: the model's")
     temperature: float | None = Field(default=None, gt=0, le=10)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    fast_path: bool = Field(default=True, description="reuse vision work and batch questions (greedy video only)")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="sampling: seed every answer's draws; None: random"
+    )
+    fast_path: bool = Field(default=True, description="reuse vision work and batch questions about one window")
     vision_cache_mb: int = Field(default=512, ge=0, le=65536, description="memory for cached frame-pair embeddings")
     prewarm: bool = Field(default=True, description="encode and prefill new windows while no question waits")
     prefix_cache_windows: int = Field(
         default=4, ge=1, le=64, description="prefilled prompt prefixes kept (the newest windows)"
+    )
+    prefix_cache_mb: int = Field(
+        default=1024, ge=0, le=1_048_576, description="memory for the KV caches of prefilled prompt prefixes"
+    )
+    batch_kv_mb: int = Field(
+        default=2048,
+        ge=0,
+        le=1_048_576,
+        description="memory for one batch's KV caches (copies of the prefix and what follows); "
+        "a batch that would need more is decoded in parts",
     )
     max_batch: int = Field(default=8, ge=1, le=64, description="questions about one window decoded together")
     batch_window_ms: float = Field(
@@ -205,15 +223,10 @@ class ModelConfig(_Strict):
     )
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Settings for ``generate``; unset ones keep the model's own defaults."""
-        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
-        if self.do_sample:
-            for name in ("temperature", "top_p", "top_k"):
-                if getattr(self, name) is not None:
-                    kwargs[name] = getattr(self, name)
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
+        """The generation settings this config sets, as ``generate`` keyword arguments; the
+        ones left unset are absent, so the model's ``generation_config`` decides them."""
+        names = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:
@@ -223,7 +236,7 @@ class ModelConfig(_Strict):
 
     @property
     def is_tiny(self) -> bool:
-        return self.id == TINY_MODEL_ID
+        return self.id in TINY_MODEL_IDS
 
 
 class ServerConfig(_Strict):

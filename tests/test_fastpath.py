@@ -132,6 +132,11 @@ def test_idle_loop_encodes_the_window_before_anyone_asks(engine: TransformersEng
             assert time.monotonic() < deadline, "the idle loop did not encode the window"
             time.sleep(0.05)
         misses = engine.vision_cache.misses
+        deadline = time.monotonic() + 20
+        while engine._prefix_key(tuple(keys), 2.0) not in engine.prefix_cache:  # the prefill follows the pairs
+            assert time.monotonic() < deadline, "the idle loop did not prefill the window"
+            time.sleep(0.05)
+        hits = engine.prefix_cache.hits
         sink = RecordingSink()
         for i in range(3):  # asked together: one batch, no vision work on the critical path
             loop.submit(
@@ -141,7 +146,7 @@ def test_idle_loop_encodes_the_window_before_anyone_asks(engine: TransformersEng
     finally:
         loop.stop()
     assert engine.vision_cache.misses == misses
-    assert engine.prefix_cache.hits >= 1  # the idle loop had prefilled the prompt prefix too
+    assert engine.prefix_cache.hits > hits  # the idle loop had prefilled the prompt prefix too
     assert sink.finals() == {"q0": ["answer"], "q1": ["answer"], "q2": ["answer"]}
 
 
@@ -164,7 +169,7 @@ def test_prefill_ahead_only_when_the_window_holds_still(tiny_model: Path) -> Non
     ids = _ids(frames)
 
     def warm_all(lo: int, hi: int) -> None:
-        while engine.warm("still", frames[lo:hi], ids[lo:hi]):
+        while engine.warm("still", frames[lo:hi], ids[lo:hi], 2.0):
             pass
 
     warm_all(0, 8)

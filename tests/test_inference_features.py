@@ -14,11 +14,11 @@ import pytest
 import torch
 import websockets
 
-from streamer.bench import reference_inputs
 from streamer.benchmark.clips import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
 from streamer.inference.loader import load_model
+from streamer.inference.reference import reference_generate, reference_inputs
 from streamer.inference.scheduler import FairQueue, Question
 from tests.conftest import ServerProcess
 from tests.inproc import InProcessServer
@@ -103,22 +103,21 @@ async def test_watch_rounds_come_at_the_cadence_and_end_on_cancel(demo_server: S
         {"type": "watch", "id": "w", "stream": "demo", "question": "Anyone?", "every_s": 1, "max_new_tokens": 2}
     )
     accepted = await client.recv_type("accepted")
-    rounds_started, answers = [], []
+    accepted_at = time.monotonic()
+    arrivals, answers = [], []
     while len(answers) < 4:
         m = await client.recv_type("answer", timeout=30)
-        # When the round was queued (its slot on the grid): the answer's arrival less the
-        # time it took, so that how long the model took on a loaded machine drops out.
-        rounds_started.append(time.monotonic() - m["timings"]["total_ms"] / 1000)
+        arrivals.append(time.monotonic() - accepted_at)
         answers.append(m)
     await client.send({"type": "cancel", "id": "w"})
     end = await client.until_final("w")
     await client.close()
     assert accepted["id"] == "w"
     assert all(a["watch"] is True and a["id"] == "w" for a in answers)
-    # every_s = 1: rounds never come faster than the cadence (a round that falls due while
-    # one runs is skipped, so a gap may be 2 s or more on a loaded machine).
-    gaps = np.diff(rounds_started)
-    assert np.all(gaps > 0.5), gaps
+    # every_s = 1: round k falls due k seconds after the watch started, on a grid, so its
+    # answer cannot arrive sooner (1 s of slack for the accepted message's own delivery).
+    # Only a lower bound: on a loaded machine rounds start late or are skipped.
+    assert all(at >= k - 1.0 for k, at in enumerate(arrivals)), arrivals
     seqs = [a["frames"]["last_seq"] for a in answers]
     assert seqs == sorted(seqs) and seqs[-1] > seqs[0]  # each round looks at fresh frames
     assert end[-1] == {"type": "error", "id": "w", "code": "cancelled", "message": end[-1]["message"]}
@@ -328,9 +327,7 @@ def test_greedy_tokens_equal_the_reference_pipeline(tiny_engine: TransformersEng
     inputs = reference_inputs(
         loaded.processor, frames, "What is moving?", min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
     )
-    with torch.inference_mode():
-        out = loaded.model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    reference = out[0, inputs["input_ids"].shape[1] :].tolist()
+    reference = reference_generate(loaded.model, inputs, max_new_tokens=24)
     assert len(reference) > 0
     plain = GenerationRequest(frames=frames, question="What is moving?", max_new_tokens=24, sample_fps=2.0)
     fast = GenerationRequest(

@@ -256,7 +256,7 @@ def test_a_failing_warm_up_does_not_stop_the_loop(engine: TransformersEngine) ->
         model_id = "x"
         warm_calls = 0
 
-        def warm(self, stream, frames, ids) -> bool:
+        def warm(self, stream, frames, ids, sample_fps) -> bool:
             WarmFails.warm_calls += 1
             raise RuntimeError("simulated failure while warming")
 

@@ -80,7 +80,7 @@ def test_asks_and_watches_become_service_requests() -> None:
 def test_every_event_has_its_wire_shape() -> None:
     """Service events encode as PROTOCOL.md's server messages (and their documented extensions)."""
     span = FrameSpan(3, 6, 4, 10.0, 11.5)
-    answer = Answer("hi", span, queued_ms=1.0, first_token_ms=2.0, total_ms=3.0)
+    answer = Answer("hi", span, queued_ms=1.0, first_token_ms=2.0, total_ms=3.0, token_ids=(5, 7))
     shown = {
         "accepted": Accepted("o", "q", 2),
         "token": Token("o", "q", "h"),
@@ -98,7 +98,7 @@ def test_every_event_has_its_wire_shape() -> None:
     assert wire["accepted"] == {"type": "accepted", "id": "q", "position": 2}
     assert wire["token"] == {"type": "token", "id": "q", "text": "h"}
     assert wire["answer"] == {"type": "answer", "id": "q", "text": "hi", "stream": "cam", "frames": frames,
-                              "timings": timings}  # fmt: skip
+                              "timings": timings, "token_ids": [5, 7]}  # fmt: skip
     assert wire["round"] == {**wire["answer"], "id": "w", "watch": True}
     assert wire["alert"] == {
         "type": "alert",

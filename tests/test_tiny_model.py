@@ -76,3 +76,18 @@ def test_serve_with_unreachable_hub_model_exits_with_a_clear_error(streamer_cach
     assert done.returncode == 1
     assert "error: cannot load model 'nobody/no-such-model'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tiny_variants_load_by_id(streamer_cache: Path) -> None:
+    """The Instruct-settings and Qwen2.5-VL variants resolve by id and load with from_pretrained."""
+    from streamer.config import TINY_MODEL_IDS
+    from streamer.inference.tiny import INSTRUCT_GENERATION, TINY_VARIANTS
+
+    assert set(TINY_VARIANTS) == set(TINY_MODEL_IDS)
+    instruct = load_model(ModelConfig(id="tiny-random-instruct"))
+    config = instruct.model.generation_config
+    assert {k: getattr(config, k) for k in INSTRUCT_GENERATION} == INSTRUCT_GENERATION
+    assert len(config.eos_token_id) == 2 and instruct.note == GIBBERISH_NOTE
+    qwen25 = load_model(ModelConfig(id="tiny-random-qwen2.5-vl"))
+    assert qwen25.model.config.model_type == "qwen2_5_vl"
+    assert type(qwen25.processor).__name__ == "Qwen2_5_VLProcessor"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from streamer.bench import reference_inputs
+from streamer.inference.reference import reference_inputs
 from streamer.inference.video import chat_messages, processor_inputs
 
 VIDEO_MIN, VIDEO_MAX = 128 * 28 * 28, 768 * 28 * 28

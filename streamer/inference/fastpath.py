@@ -9,11 +9,19 @@ Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
   pair that ends with it ("pair ending at k") and any window ending at the newest frame
   is made of cached pairs;
 - the prompt puts the video before the question, so every question about one window shares
-  the prompt up to ``<|vision_end|>``: :func:`decode_greedy` prefills that prefix once,
-  repeats its KV cache for each question, prefills each question's own tokens, and decodes
-  all of them as one batch with explicit M-RoPE positions per row.
+  the prompt up to ``<|vision_end|>``: :func:`prefill_prefix` prefills that prefix once,
+  :func:`decode` repeats its KV cache for each question, prefills each question's own tokens,
+  and decodes all of them as one batch.
 
-Greedy only: sampling settings send questions down the plain ``generate`` path.
+Nothing ``generate`` decides is re-derived here: each row's M-RoPE positions come from the
+model's own rope index on that row's whole prompt, and its tokens are chosen by the logits
+processors, warpers and stopping criteria transformers builds for it
+(:mod:`streamer.inference.generation`).
+
+The vision tower of Qwen2.5-VL adds window attention to Qwen2-VL's, but its windows lie
+within one temporal patch too (``transformers.vision_utils.get_vision_window_index`` tiles
+each patch on its own, and its full-attention blocks use the same per-patch ``cu_seqlens``),
+so per-pair encoding is exact for it as well (``tests/test_exactness.py`` checks both).
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from streamer.inference.generation import RowDecoding, next_token
 from streamer.inference.video import TEMPORAL_PATCH, clip_size, frame_size, video_tensor
 
 log = logging.getLogger(__name__)
@@ -192,13 +201,22 @@ class VisionEncoder:
 
 @dataclass
 class Row:
-    """One question in a batch: its own prompt tokens and callbacks."""
+    """One question in a batch: its own prompt tokens, positions, decoding and callbacks.
 
+    ``prompt`` is the question's whole prompt (the shared prefix, then ``suffix``), which the
+    logits processors read as ``generate`` does; ``positions`` (3 x len(suffix)) are the
+    suffix's M-RoPE positions and ``next_position`` (3) the first generated token's, both from
+    the model's own rope index on the whole prompt (:func:`rope_positions`).
+    """
+
+    prompt: torch.Tensor
     suffix: list[int]
-    max_new_tokens: int
+    positions: torch.Tensor
+    next_position: torch.Tensor
+    decoding: RowDecoding
     on_token: Callable[[int], None]
     should_stop: Callable[[], bool]
-    tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
     done: bool = False
     stopped: bool = False
     first_token_at: float | None = None
@@ -210,21 +228,54 @@ def split_prompt(ids: list[int], vision_end_id: int) -> tuple[list[int], list[in
     return ids[:cut], ids[cut:]
 
 
+def rope_positions(
+    model: Any, ids: torch.Tensor, video_grid_thw: torch.Tensor, video_token_id: int, rope_kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """M-RoPE positions (3 x length) of a prompt (1 x length) with one video, from the model's
+    own ``get_rope_index`` (``rope_kwargs``: e.g. Qwen2.5-VL's ``second_per_grid_ts``)."""
+    token_types = (ids == video_token_id).to(torch.int) * 2
+    positions, _ = model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=token_types,
+        video_grid_thw=video_grid_thw,
+        attention_mask=torch.ones_like(ids),
+        **rope_kwargs,
+    )
+    return positions[:, 0]
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes held by a KV cache's keys and values."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
 @dataclass
 class Prefix:
-    """The KV cache after a shared prompt prefix, and the M-RoPE offset of what follows."""
+    """The KV cache after a shared prompt prefix (its token ids), and its size in bytes."""
 
-    length: int
+    ids: list[int]
     cache: Any
-    delta: int
+    bytes: int
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
 
 
 class PrefixCache:
-    """Prefills of recent windows (the newest ``keep``), so a question about a window the
-    loop has already seen skips straight to its own tokens."""
+    """Prefills of recent windows, least recently used evicted first, bounded by count
+    (``keep``) and by the bytes of their KV caches (``max_bytes``), so a question about a
+    window the loop has already seen skips straight to its own tokens."""
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 4, max_bytes: int = 2**30) -> None:
         self.keep = keep
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.hits = 0
         self._items: OrderedDict[Hashable, Prefix] = OrderedDict()
         self._lock = threading.Lock()
@@ -238,11 +289,24 @@ class PrefixCache:
             return item
 
     def put(self, key: Hashable, prefix: Prefix) -> None:
+        """Keep ``prefix`` (unless it alone is over the byte bound), evicting the least
+        recently used until both bounds hold."""
+        if prefix.bytes > self.max_bytes:
+            return
         with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.bytes
             self._items[key] = prefix
-            self._items.move_to_end(key)
-            while len(self._items) > self.keep:
-                self._items.popitem(last=False)
+            self.bytes += prefix.bytes
+            while len(self._items) > self.keep or self.bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -254,25 +318,30 @@ class PrefixCache:
 
 
 def prefill_prefix(
-    model: Any, prefix: list[int], video_embeds: torch.Tensor, video_grid_thw: torch.Tensor, video_token_id: int
+    model: Any,
+    prefix: list[int],
+    video_embeds: torch.Tensor,
+    video_grid_thw: torch.Tensor,
+    video_token_id: int,
+    rope_kwargs: dict[str, Any],
 ) -> Prefix:
-    """Run the shared prefix (system prompt, video, ``<|vision_end|>``) through the model."""
+    """Run the shared prefix (system prompt, video, ``<|vision_end|>``) through the model.
+
+    Its positions come from the model's rope index on the prefix alone, which equal the
+    whole prompt's first positions: the index runs left to right."""
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     device = model.device
     prefix_ids = torch.tensor([prefix], device=device)
     token_types = (prefix_ids == video_token_id).to(torch.int) * 2
-    ones = torch.ones_like(prefix_ids)
     with torch.inference_mode():
-        positions, delta = model.model.get_rope_index(
-            prefix_ids, video_grid_thw=video_grid_thw, attention_mask=ones, mm_token_type_ids=token_types
-        )
+        positions = rope_positions(model, prefix_ids, video_grid_thw, video_token_id, rope_kwargs)
         cache = DynamicCache(config=model.config)
         model(
             input_ids=prefix_ids,
-            attention_mask=ones,
-            position_ids=positions,
+            attention_mask=torch.ones_like(prefix_ids),
+            position_ids=positions[:, None, :],
             mm_token_type_ids=token_types,
             video_grid_thw=video_grid_thw,
             mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(video_embeds,))},
@@ -280,23 +349,25 @@ def prefill_prefix(
             use_cache=True,
             logits_to_keep=1,
         )
-    return Prefix(length=len(prefix), cache=cache, delta=int(delta.reshape(-1)[0]))
+    return Prefix(ids=list(prefix), cache=cache, bytes=kv_bytes(cache))
 
 
-def decode_greedy(
-    model: Any,
-    prefix: Prefix,
-    rows: list[Row],
-    *,
-    eos_ids: set[int],
-    pad_id: int,
-) -> None:
-    """Greedy-decode every row's answer after the shared ``prefix`` (left untouched).
+def batch_kv_bytes(prefix: Prefix, rows: int, width: int, new_tokens: int) -> int:
+    """Bytes of the KV caches a batch of ``rows`` questions (suffixes padded to ``width``,
+    up to ``new_tokens`` generated) grows to: the prefix's copies and what follows."""
+    per_token = prefix.bytes / max(1, prefix.length)
+    return int(rows * per_token * (prefix.length + width + new_tokens))
 
-    Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, with the
-    positions Qwen2-VL would give it alone (padding between rows is masked out), so its
-    greedy tokens equal the single-question ``generate``'s. Tokens are appended to
-    ``row.tokens`` and reported through ``row.on_token`` as they are decided.
+
+def decode(model: Any, prefix: Prefix, rows: list[Row], *, pad_id: int) -> int:
+    """Decode every row's answer after the shared ``prefix`` (left untouched); returns the
+    bytes the batch's KV caches held at the end.
+
+    Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, at the
+    positions its :class:`Row` gives (padding between rows is masked out), and its tokens
+    are chosen and stopped by its :class:`RowDecoding`, as ``generate`` would for that
+    question alone. Tokens are appended to ``row.tokens`` and reported through
+    ``row.on_token`` as they are decided.
     """
     import copy
 
@@ -307,7 +378,6 @@ def decode_greedy(
         if n > 1:
             cache.batch_repeat_interleave(n)
         p = prefix.length
-        base = p + prefix.delta  # position of the first token after the prefix
         lengths = [len(r.suffix) for r in rows]
         width = max(lengths)
         # Each row's question ends at the last column (padding, masked out, goes between the
@@ -320,37 +390,39 @@ def decode_greedy(
             pad = width - lengths[i]
             suffix[i, pad:] = torch.tensor(r.suffix, device=device)
             mask[i, p + pad :] = 1
-            pos[:, i, :] = base + (torch.arange(width, device=device) - pad).clamp(min=0)
+            pos[:, i, pad:] = r.positions.to(device)
+            pos[:, i, :pad] = r.positions[:, :1].to(device)
         out = model(
             input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
         )
         logits = out.logits[:, -1]
-        next_pos = torch.tensor([base + length for length in lengths], device=device)
+        next_pos = torch.stack([r.next_position.to(device) for r in rows], dim=1)  # 3 x n
+        ids = [r.prompt.to(device) for r in rows]
         step = 0
         while True:
-            chosen = logits.argmax(-1).tolist()
+            chosen = [pad_id] * n
             now = time.monotonic()
             for i, r in enumerate(rows):
                 if r.done:
                     continue
+                token = next_token(r.decoding, ids[i], logits[i : i + 1])
+                ids[i] = torch.cat([ids[i], token[:, None]], dim=-1)
+                chosen[i] = int(token)
                 r.tokens.append(chosen[i])
                 r.first_token_at = r.first_token_at or now
                 r.on_token(chosen[i])
-                if chosen[i] in eos_ids or len(r.tokens) >= r.max_new_tokens:
+                if bool(r.decoding.criteria(ids[i], None).any()):
                     r.done = True
                 elif r.should_stop():
                     r.done = r.stopped = True
             if all(r.done for r in rows):
-                return
-            step_ids = torch.tensor(
-                [[c if not r.done else pad_id] for c, r in zip(chosen, rows, strict=True)], device=device
-            )
+                return kv_bytes(cache)
+            step_ids = torch.tensor([[c] for c in chosen], device=device)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-            step_pos = (next_pos + step).view(1, n, 1).expand(3, n, 1)
             out = model(
                 input_ids=step_ids,
                 attention_mask=mask,
-                position_ids=step_pos,
+                position_ids=(next_pos + step).unsqueeze(-1),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,

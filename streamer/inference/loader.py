@@ -1,7 +1,8 @@
 """Load Qwen2-VL and its processor with ``from_pretrained``: hub id or local folder.
 
 The same code loads ``Qwen/Qwen2-VL-2B-Instruct`` from the Hub and the project's tiny
-random model from its cache folder; ``tiny-random`` is only resolved to that folder first.
+random models from their cache folders; ``tiny-random`` (and the other ids in
+``TINY_MODEL_IDS``) are only resolved to their folders first.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def pick_device_and_dtype(cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
 
 def resolve_model_path(model_id: str, progress: Callable[[str], None] | None = None) -> tuple[str, str | None]:
     """The ``from_pretrained`` argument for a configured model id, and a note for users."""
-    from streamer.config import TINY_MODEL_ID
+    from streamer.config import TINY_MODEL_IDS
 
-    if model_id == TINY_MODEL_ID:
+    if model_id in TINY_MODEL_IDS:
         from streamer.inference.tiny import GIBBERISH_NOTE, ensure_tiny_model
 
-        return str(ensure_tiny_model(progress=progress)), GIBBERISH_NOTE
+        return str(ensure_tiny_model(model_id, progress=progress)), GIBBERISH_NOTE
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

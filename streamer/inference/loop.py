@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 
 from streamer.capture.ring import Frame
-from streamer.inference.engine import Engine, GenerationRequest
+from streamer.inference.engine import Engine, GenerationRequest, is_out_of_memory
 from streamer.inference.policy import SHUTTING_DOWN, Ended, Job, Policy, Standing, WatchProgress, answer_of
 from streamer.inference.questions import Answer, ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
 
@@ -96,7 +96,8 @@ class Warmer:
         try:
             for name, feed in list(streams.items()):
                 frames = window_of(feed.ring, self.frames)
-                if frames and self.engine.warm(name, [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]):
+                rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
+                if frames and self.engine.warm(name, rgb, ids, feed.sample_fps):
                     return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
@@ -298,7 +299,8 @@ class InferenceLoop:
             if job.stop_code is not None:
                 self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
                 continue
-            self._reports.answered(job, answer_of(job, result.text, frames, started, result.first_token_at, done))
+            answer = answer_of(job, result.text, frames, started, result.first_token_at, done, tuple(result.token_ids))
+            self._reports.answered(job, answer)
 
 
 def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[GenerationRequest]:
@@ -332,9 +334,9 @@ def _stop_of(job: Job) -> Callable[[], bool]:
 
 
 def _describe_failure(err: Exception) -> str:
-    # An engine that never imported torch cannot have raised torch's error: don't import it.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
-        torch.cuda.empty_cache()
-        return "inference ran out of GPU memory; try fewer frames or a smaller max_pixels"
+    if is_out_of_memory(err):  # the engine has freed what it could
+        # An engine that never imported torch cannot have raised torch's error: don't import it.
+        torch = sys.modules.get("torch")
+        where = "GPU memory" if torch is not None and isinstance(err, torch.OutOfMemoryError) else "memory"
+        return f"inference ran out of {where}; try fewer frames or a smaller max_pixels"
     return f"inference failed: {type(err).__name__}: {err}"

@@ -368,9 +368,16 @@ class Policy:
 
 
 def answer_of(
-    job: Job, text: str, frames: list[Frame], started: float, first_token_at: float | None, done: float
+    job: Job,
+    text: str,
+    frames: list[Frame],
+    started: float,
+    first_token_at: float | None,
+    done: float,
+    token_ids: tuple[int, ...] = (),
 ) -> Answer:
-    """The answer to ``job`` from its generated text; times are ``time.monotonic()`` values."""
+    """The answer to ``job`` from its generated text (and ``token_ids``); times are
+    ``time.monotonic()`` values."""
     received = job.question.received_at
     return Answer(
         text=text,
@@ -379,4 +386,5 @@ def answer_of(
         first_token_ms=None if first_token_at is None else round((first_token_at - received) * 1000, 1),
         total_ms=round((done - received) * 1000, 1),
         matched=job.watch.matches(text) if job.watch is not None else None,
+        token_ids=token_ids,
     )

@@ -48,6 +48,8 @@ class Answer:
     total_ms: float
     #: For a watch round: the ``alert_contains`` text when the answer contains it.
     matched: str | None = None
+    #: The generated token ids (the end token included when the answer ended with one).
+    token_ids: tuple[int, ...] = ()
 
 
 class AnswerSink(Protocol):

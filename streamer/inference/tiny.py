@@ -1,4 +1,4 @@
-"""The project's tiny random-weight Qwen2-VL: a real model folder, built here, never downloaded.
+"""The project's tiny random-weight Qwen2-VL models: real model folders, built here, never downloaded.
 
 Tests, the offline demo and CI need a Qwen2-VL that loads through the very same
 ``from_pretrained`` code as ``Qwen/Qwen2-VL-2B-Instruct``, but no weights can be downloaded.
@@ -7,7 +7,11 @@ from a fixed seed, a byte-level BPE tokenizer trained on a small built-in corpus
 Qwen2-VL's special tokens, and a processor with Qwen2-VL's chat template.
 
 Its answers are gibberish: the weights are random. It exists to exercise every code path,
-not to answer anything.
+not to answer anything. Two variants cover what real checkpoints bring: a tiny Qwen2.5-VL
+(windowed vision attention, time-scaled M-RoPE), and a tiny Qwen2-VL whose
+``generation_config.json`` carries the sampling settings the Instruct checkpoints ship. Their
+text weights are drawn wider, so that, like trained models, their answers change when a
+token's position does (tests of exactness need that).
 
 The shape follows ``NOTES-qwen2vl.md`` so that vLLM's CPU backend can serve the same folder:
 text head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...), mrope_section summing to
@@ -97,21 +101,57 @@ TINY_TEXT = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
 }
 TINY_VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 128, "mlp_ratio": 4, "num_heads": 4}
+#: Qwen2.5-VL's vision tower in small: its width is ``hidden_size`` and the merger's output
+#: ``out_hidden_size``; window attention (112 px windows, as the real models) in block 0, full
+#: attention in block 1.
+TINY_VISION_2_5 = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 4,
+    "out_hidden_size": 128,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+    "tokens_per_second": 2,
+}
+#: What Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct ship in ``generation_config.json``
+#: (besides the special tokens): sampling that is greedy in effect, and a repetition penalty.
+INSTRUCT_GENERATION = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperature": 0.1, "repetition_penalty": 1.05}
+
+#: The text model of the newer variants: weights drawn 5x wider than transformers' default, so
+#: attention is sharp and answers depend on token positions as a trained model's do (with the
+#: default spread attention is nearly uniform and a wrong position rarely changes a token).
+TINY_TEXT_SHARP = {**TINY_TEXT, "initializer_range": 0.1}
+
+#: The tiny variants by model id: (folder name, model type, text config, generation settings).
+TINY_VARIANTS: dict[str, tuple[str, str, dict, dict]] = {
+    "tiny-random": ("tiny-qwen2-vl", "qwen2_vl", TINY_TEXT, {}),
+    "tiny-random-instruct": ("tiny-qwen2-vl-instruct", "qwen2_vl", TINY_TEXT_SHARP, INSTRUCT_GENERATION),
+    "tiny-random-qwen2.5-vl": ("tiny-qwen2.5-vl", "qwen2_5_vl", TINY_TEXT_SHARP, {}),
+}
+
+
+_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def _config_dict(
-    vocab_size: int, token_ids: dict[str, int], text: dict, vision: dict, tie_word_embeddings: bool = False
+    model_type: str,
+    vocab_size: int,
+    token_ids: dict[str, int],
+    text: dict,
+    vision: dict,
+    tie_word_embeddings: bool = False,
 ) -> dict:
     return {
-        "model_type": "qwen2_vl",
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": model_type,
+        "architectures": [_ARCHITECTURES[model_type]],
         "image_token_id": token_ids["<|image_pad|>"],
         "video_token_id": token_ids["<|video_pad|>"],
         "vision_start_token_id": token_ids["<|vision_start|>"],
         "vision_end_token_id": token_ids["<|vision_end|>"],
         "tie_word_embeddings": tie_word_embeddings,
         "text_config": {
-            "model_type": "qwen2_vl_text",
+            "model_type": f"{model_type}_text",
             "vocab_size": vocab_size,
             "hidden_act": "silu",
             "max_position_embeddings": 32768,
@@ -122,7 +162,7 @@ def _config_dict(
             **text,
         },
         "vision_config": {
-            "model_type": "qwen2_vl_vision",
+            "model_type": f"{model_type}_vision",
             "in_channels": 3,
             "patch_size": 14,
             "spatial_merge_size": 2,
@@ -182,19 +222,32 @@ def build_model_folder(
     marker: dict,
     vocab_size: int | None = None,
     tie_word_embeddings: bool = False,
+    model_type: str = "qwen2_vl",
+    generation: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Build a random-weight Qwen2-VL folder (config, weights, tokenizer, processor) that
-    ``from_pretrained`` loads like a downloaded one. ``vocab_size`` (e.g. Qwen2-VL's 151936)
-    pads the tokenizer and sizes the embeddings; None: the tokenizer's own size."""
+    """Build a random-weight Qwen2-VL (``model_type`` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl")
+    folder (config, weights, tokenizer, processor) that ``from_pretrained`` loads like a
+    downloaded one. ``vocab_size`` (e.g. Qwen2-VL's 151936) pads the tokenizer and sizes the
+    embeddings; None: the tokenizer's own size. ``generation`` goes into
+    ``generation_config.json`` beside the special tokens (e.g. :data:`INSTRUCT_GENERATION`)."""
     import torch
     from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
+
+    classes = {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
+        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
+    }
+    config_class, model_class, processor_class = classes[model_type]
 
     say = progress or (lambda msg: None)
     out = Path(out_dir)
@@ -205,15 +258,23 @@ def build_model_folder(
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
 
     say(f"initialising random weights (seed {seed})")
-    config = Qwen2VLConfig(**_config_dict(vocab_size or len(tokenizer), token_ids, text, vision, tie_word_embeddings))
+    config = config_class(
+        **_config_dict(model_type, vocab_size or len(tokenizer), token_ids, text, vision, tie_word_embeddings)
+    )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = token_ids["<|im_end|>"]
+    model = model_class(config).eval()
+    if generation:
+        # As the Instruct checkpoints: both end tokens stop, and the sampling settings.
+        model.generation_config.eos_token_id = [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]]
+        model.generation_config.bos_token_id = token_ids["<|endoftext|>"]
+        model.generation_config.update(**generation)
+    else:
+        model.generation_config.eos_token_id = token_ids["<|im_end|>"]
     model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
 
     say("saving model, tokenizer and processor")
     pixels = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
-    processor = Qwen2VLProcessor(
+    processor = processor_class(
         image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}),
         video_processor=Qwen2VLVideoProcessor(size=pixels, cap_pixels_per_frame=True),
         tokenizer=tokenizer,
@@ -226,42 +287,50 @@ def build_model_folder(
     return out
 
 
-def build_tiny_model(out_dir: str | Path, *, progress: Callable[[str], None] | None = None) -> Path:
-    """Build the tiny random Qwen2-VL into ``out_dir`` (created; must not hold another model).
+def build_tiny_model(
+    out_dir: str | Path, variant: str = "tiny-random", *, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Build a tiny random model (a key of :data:`TINY_VARIANTS`) into ``out_dir`` (created;
+    must not hold another model).
 
     Deterministic: the same seed and library versions give the same weights and tokenizer.
     """
+    _, model_type, text, generation = TINY_VARIANTS[variant]
     return build_model_folder(
         out_dir,
-        text=TINY_TEXT,
-        vision=TINY_VISION,
+        text=text,
+        vision=TINY_VISION_2_5 if model_type == "qwen2_5_vl" else TINY_VISION,
         seed=TINY_MODEL_SEED,
-        marker={"version": TINY_MODEL_VERSION, "note": GIBBERISH_NOTE},
+        marker={"version": TINY_MODEL_VERSION, "note": GIBBERISH_NOTE, "variant": variant},
+        model_type=model_type,
+        generation=generation,
         progress=progress,
     )
 
 
-def tiny_model_dir() -> Path:
-    """Where the cached tiny model lives (it may not exist yet)."""
-    return cache_dir() / f"tiny-qwen2-vl-v{TINY_MODEL_VERSION}"
+def tiny_model_dir(variant: str = "tiny-random") -> Path:
+    """Where a cached tiny model lives (it may not exist yet)."""
+    return cache_dir() / f"{TINY_VARIANTS[variant][0]}-v{TINY_MODEL_VERSION}"
 
 
-def ensure_tiny_model(*, progress: Callable[[str], None] | None = None) -> Path:
-    """Return the cached tiny model folder, building it first if it is missing.
+def ensure_tiny_model(variant: str = "tiny-random", *, progress: Callable[[str], None] | None = None) -> Path:
+    """Return the cached folder of a tiny model (a key of :data:`TINY_VARIANTS`), building it
+    first if it is missing.
 
     Safe when several processes race: each builds into its own temporary folder and the
     first to finish renames it into place; the others discard theirs.
     """
-    target = tiny_model_dir()
+    target = tiny_model_dir(variant)
     if (target / "STREAMER_TINY_MODEL.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
     started = time.monotonic()
-    say(f"building the tiny random Qwen2-VL in {target} (first use only)")
+    family = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}[TINY_VARIANTS[variant][1]]
+    say(f"building the tiny random {family} {variant!r} in {target} (first use only)")
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        build_tiny_model(tmp, progress=say)
+        build_tiny_model(tmp, variant, progress=say)
         try:
             os.rename(tmp, target)
         except OSError:

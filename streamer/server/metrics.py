@@ -53,21 +53,18 @@ class _RuntimeCollector(Collector):
         skipped.add_metric([], loop.skipped_rounds() if loop else 0)
         yield skipped
 
-        cache = getattr(self.runtime.engine, "vision_cache", None)
-        if cache is not None:
-            entries = GaugeMetricFamily("streamer_vision_cache_entries", "Frame pairs with cached embeddings")
-            entries.add_metric([], len(cache))
-            size = GaugeMetricFamily("streamer_vision_cache_bytes", "Memory of cached embeddings")
-            size.add_metric([], cache.bytes)
-            lookups = CounterMetricFamily("streamer_vision_cache_lookups", "Pair lookups", labels=["result"])
-            lookups.add_metric(["hit"], cache.hits)
-            lookups.add_metric(["miss"], cache.misses)
-            yield from (entries, size, lookups)
-        prefixes = getattr(self.runtime.engine, "prefix_cache", None)
-        if prefixes is not None:
-            count = GaugeMetricFamily("streamer_prefix_cache_entries", "Windows with a prefilled prompt prefix")
-            count.add_metric([], len(prefixes))
-            yield count
+        engine = self.runtime.engine
+        # engine.py imports torch, which the server's adapters must not: read the list of
+        # figures once an engine exists (until the Engine interface moves to a torch-free module).
+        from streamer.inference.engine import ENGINE_STATS
+
+        stats = engine.stats() if engine is not None else {}
+        for name, (kind, doc) in ENGINE_STATS.items():
+            if name in stats:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                metric = family(f"streamer_{name}", doc)
+                metric.add_metric([], stats[name])
+                yield metric
 
         memory = GaugeMetricFamily("streamer_model_memory_bytes", "Memory held by the model", labels=["kind"])
         for kind, value in self.runtime.model_memory().items():

@@ -226,6 +226,7 @@ def event_message(event: Event) -> dict[str, Any]:
                 "frames": asdict(a.frames),
                 "timings": {"queued_ms": a.queued_ms, "first_token_ms": a.first_token_ms, "total_ms": a.total_ms},
                 "watch": True if event.watch else None,
+                "token_ids": list(a.token_ids),
             }
         case Alerted():
             frames = asdict(event.frames)
