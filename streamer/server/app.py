@@ -78,10 +78,13 @@ def create_app(runtime: Runtime) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         streams = runtime.stream_objects()
         serving = runtime.loop is not None and not state.shutting_down
+        model = runtime.model_info()
+        if (backends := runtime.backend_statuses()) is not None:
+            model["backends"] = backends
         body = {
             "status": "ok" if serving else ("shutting_down" if state.shutting_down else "starting"),
             "server": runtime.version,
-            "model": runtime.model_info(),
+            "model": model,
             "streams": streams,
             "live": [s["id"] for s in streams if s["status"] == "live"],
         }

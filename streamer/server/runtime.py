@@ -37,6 +37,10 @@ class Runtime:
 
     def load_engine(self, progress: Callable[[str], None] | None = None) -> Engine:
         """Load the configured model (slow: seconds to minutes) unless an engine was given."""
+        if self.engine is None and self.settings.model.backend == "openai":
+            from streamer.inference.remote import RemoteEngine
+
+            self.engine = RemoteEngine(self.settings.model)
         if self.engine is None:
             from streamer.inference.engine import TransformersEngine
             from streamer.inference.loader import load_model
@@ -90,6 +94,12 @@ class Runtime:
             out["cuda_allocated"] = torch.cuda.memory_allocated(loaded.device)
             out["cuda_reserved"] = torch.cuda.memory_reserved(loaded.device)
         return out
+
+    def backend_statuses(self) -> list[dict[str, Any]] | None:
+        """A remote engine's servers: state, requests, latency (``/healthz``, ``/metrics``);
+        None for an engine in this process. Not in ``welcome``: clients need not see them."""
+        statuses = getattr(self.engine, "backend_statuses", None)
+        return statuses() if statuses is not None else None
 
     def model_info(self) -> dict[str, Any]:
         engine = self.engine
