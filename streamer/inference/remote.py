@@ -144,6 +144,11 @@ class BackendPool:
     def _rank(self, stream: str | None, backend: Backend) -> bytes:
         return hashlib.blake2b(f"{stream}\n{backend.url}".encode(), digest_size=8).digest()
 
+    def order(self, stream: str | None) -> list[Backend]:
+        """The stream's own order of servers (rendezvous hashing: the same in every front end,
+        and dropping a server moves only the streams it was first for)."""
+        return sorted(self.backends, key=lambda b: self._rank(stream, b))
+
     def _failed(self, backend: Backend, error: str) -> None:
         backend.failures += 1
         backend.last_error = error
@@ -212,7 +217,8 @@ class BackendPool:
                 if first in free:
                     chosen = first
                 else:
-                    chosen = min(free, key=lambda b: (b.in_flight, self._rank(stream, b)))
+                    ranks = {b.url: i for i, b in enumerate(self.order(stream))}
+                    chosen = min(free, key=lambda b: (b.in_flight, ranks[b.url]))
                     if first is None:
                         preferred[0] = chosen
                 chosen.in_flight += 1
