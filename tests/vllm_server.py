@@ -99,6 +99,15 @@ class VllmServer:
         self.kill()
         raise RuntimeError(f"vLLM did not serve within {timeout} s:\n{self.log()[-4000:]}")
 
+    def pause(self) -> None:
+        """Freeze the server and its engine (SIGSTOP): no more tokens, connections stay open."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """Kill the server and its engine process at once (SIGKILL to its process group)."""
         if self.proc is not None and self.proc.poll() is None:

@@ -344,6 +344,7 @@ class RemoteEngine(Engine):
     def close(self) -> None:
         """Close the HTTP clients and the event loop (the engine is unusable after)."""
         self._loop.run_until_complete(self.pool.close())
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()
 
     # -- requests -------------------------------------------------------------------------
@@ -418,6 +419,10 @@ class RemoteEngine(Engine):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.pool.settle()
+            # Streams left early leave their async generators to be closed by tasks that the
+            # loop scheduled meanwhile: let those run before the loop stops until the next batch.
+            for _ in range(3):
+                await asyncio.sleep(0)
         return [reply.result() for reply in replies]
 
     async def _request(
