@@ -233,6 +233,7 @@ def test_requests_carry_the_api_key_and_identical_windows_send_identical_bytes(
     first, second = (r.partition(b"\r\n\r\n") for r in silent.requests)
     assert b"authorization: bearer sk-test-123" in first[0].lower()
     assert first[2] == second[2] and len(first[2]) > 4 * 1000
+    assert engine.backend_statuses()[0]["request_bytes"] == 2 * len(first[2])
     body = json.loads(first[2])
     assert body["temperature"] == 0.0 and body["return_token_ids"] is True and body["model"] == engine.served_name
     engine.close()

@@ -94,6 +94,8 @@ class Backend:
     last_first_token_s: float | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    #: Bytes of the request bodies sent (the frames, mostly).
+    request_bytes: int = 0
     _probe: asyncio.Task | None = None
 
     @property
@@ -121,6 +123,7 @@ class Backend:
             "first_token_s_last": None if self.last_first_token_s is None else round(self.last_first_token_s, 4),
             "prompt_tokens": self.prompt_tokens,
             "cached_prompt_tokens": self.cached_tokens,
+            "request_bytes": self.request_bytes,
         }
 
 
@@ -135,11 +138,20 @@ class BackendPool:
 
     def __init__(self, cfg: ModelConfig, api_key: str | None) -> None:
         self.cfg = cfg
-        timeout = openai.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
-        self.backends = [
-            Backend(url, openai.AsyncOpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=timeout))
-            for url in cfg.remote_urls
-        ]
+        self.backends = [Backend(url, self._client(url, api_key)) for url in cfg.remote_urls]
+
+    def _client(self, url: str, api_key: str | None) -> openai.AsyncOpenAI:
+        async def count_bytes(request: httpx2.Request) -> None:
+            backend = next(b for b in self.backends if b.url == url)
+            backend.request_bytes += len(request.content)
+
+        return openai.AsyncOpenAI(
+            base_url=url,
+            api_key=api_key or "none",
+            max_retries=0,  # the pool retries, on another server
+            timeout=openai.Timeout(self.cfg.read_timeout_s, connect=self.cfg.connect_timeout_s),
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_bytes]}),
+        )
 
     def _rank(self, stream: str | None, backend: Backend) -> bytes:
         return hashlib.blake2b(f"{stream}\n{backend.url}".encode(), digest_size=8).digest()

@@ -88,6 +88,7 @@ def _backend_metrics(statuses: list[dict]) -> Iterator[Metric]:
     cached = CounterMetricFamily(
         "streamer_backend_cached_prompt_tokens", "Prompt tokens served from the server's prefix cache", labels=labels
     )
+    sent = CounterMetricFamily("streamer_backend_request_bytes", "Bytes of request bodies sent", labels=labels)
     for st in statuses:
         url = [st["url"]]
         up.add_metric(url, 1.0 if st["state"] == "up" else 0.0)
@@ -98,7 +99,8 @@ def _backend_metrics(statuses: list[dict]) -> Iterator[Metric]:
         first_token.add_metric(url, count_value=st["first_token_count"], sum_value=st["first_token_s_sum"])
         prompt.add_metric(url, st["prompt_tokens"])
         cached.add_metric(url, st["cached_prompt_tokens"])
-    yield from (up, in_flight, requests, ejections, first_token, prompt, cached)
+        sent.add_metric(url, st["request_bytes"])
+    yield from (up, in_flight, requests, ejections, first_token, prompt, cached, sent)
 
 
 class Metrics:
