@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -71,6 +72,7 @@ async def streamer_round(url: str, asks: int, tokens: int, round_no: int) -> dic
             )
             sent += len(message.encode())
             started = time.monotonic()
+            await ws.send(message)
             first = None
             while True:
                 m = json.loads(await ws.recv())
@@ -174,9 +176,22 @@ def main() -> int:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     naive_frames = decoded[-args.frames :]
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on a kill too
     vllm = VllmServer(model_dir, free_port(), work / "vllm.log")
     print(f"starting vLLM ({vllm.base_url}) ...", flush=True)
-    vllm.start()
+    try:
+        vllm.start()
+        runs, backend = run_rounds(args, vllm, video, naive_frames, work)
+    finally:
+        vllm.stop()
+    print_results(args, runs, backend, work)
+    return 0
+
+
+def run_rounds(
+    args: argparse.Namespace, vllm: VllmServer, video: Path, naive_frames: list[np.ndarray], work: Path
+) -> tuple[dict[str, list[dict]], dict]:
+    """Start streamer in front of ``vllm`` and run the rounds of both paths."""
     config = {
         "sources": [
             {
@@ -195,7 +210,7 @@ def main() -> int:
             "frames": args.frames,
             "max_new_tokens": args.tokens,
             "max_batch": args.asks,
-            "batch_window_ms": 200,
+            "batch_window_ms": 20,
             "jpeg_quality": args.quality,
         },
         "server": {"queue_size": max(32, args.asks * 2), "asks_per_minute": 100_000},
@@ -223,8 +238,10 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(30)
-        vllm.stop()
+    return runs, backend
 
+
+def print_results(args: argparse.Namespace, runs: dict[str, list[dict]], backend: dict, work: Path) -> None:
     print(
         f"\n{args.asks} asks at once per round, {args.frames} frames of {args.width}x{args.height}, "
         f"{args.tokens} tokens per answer, JPEG quality {args.quality}; tiny model on vLLM CPU; "
@@ -249,7 +266,6 @@ def main() -> int:
         f"\nstreamer's server: {backend['prompt_tokens']} prompt tokens sent, {backend['cached_prompt_tokens']} "
         f"served from vLLM's prefix cache; logs in {work}"
     )
-    return 0
 
 
 if __name__ == "__main__":
