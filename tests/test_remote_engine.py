@@ -215,7 +215,7 @@ def test_a_silent_server_times_out_and_a_stop_ends_the_wait(silent: LoopbackHTTP
     result = patient.generate(request, lambda piece: None, lambda: time.monotonic() > stop_at)
     assert result.stopped and result.text == "" and result.token_ids == []
     assert time.monotonic() - stop_at < 30
-    assert patient.backend_statuses()[0]["requests"] == {"stopped": 1}
+    assert patient.backend_statuses()[0]["requests"] == {"answered": 0, "stopped": 1, "failed": 0}
     engine.close()
     patient.close()
 
@@ -254,8 +254,12 @@ def test_a_server_error_moves_the_question_to_the_next_server(silent: LoopbackHT
         assert result.stopped and len(failing.requests) == 1 and len(silent.requests) == 1
         statuses = {s["url"]: s for s in engine.backend_statuses()}
         assert statuses[failing.url]["state"] == "down" and "HTTP 500" in statuses[failing.url]["last_error"]
-        assert statuses[failing.url]["requests"] == {"failed": 1}
-        assert statuses[silent.url]["state"] == "up" and statuses[silent.url]["requests"] == {"stopped": 1}
+        assert statuses[failing.url]["requests"] == {"answered": 0, "stopped": 0, "failed": 1}
+        assert statuses[silent.url]["state"] == "up" and statuses[silent.url]["requests"] == {
+            "answered": 0,
+            "stopped": 1,
+            "failed": 0,
+        }
         engine.close()
     finally:
         failing.close()

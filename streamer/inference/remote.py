@@ -87,8 +87,9 @@ class Backend:
     retry_at: float = 0.0
     ejections: int = 0
     last_error: str | None = None
-    #: Requests by outcome: answered, stopped (cancelled), failed.
-    outcomes: Counter[str] = field(default_factory=Counter)
+    #: Requests by outcome: answered, stopped (cancelled), failed. Every key exists from the
+    #: start, so a reader on another thread never sees the dict change size.
+    outcomes: Counter[str] = field(default_factory=lambda: Counter(answered=0, stopped=0, failed=0))
     first_token_s_sum: float = 0.0
     first_token_count: int = 0
     last_first_token_s: float | None = None
@@ -161,7 +162,8 @@ class BackendPool:
         and dropping a server moves only the streams it was first for)."""
         return sorted(self.backends, key=lambda b: self._rank(stream, b))
 
-    def _failed(self, backend: Backend, error: str) -> None:
+    def failed(self, backend: Backend, error: str) -> None:
+        """Record a failure of ``backend``: ejected, next try after the backoff."""
         backend.failures += 1
         backend.last_error = error
         delay = min(self.cfg.backend_backoff_max_s, self.cfg.backend_backoff_s * 2 ** (backend.failures - 1))
@@ -171,7 +173,8 @@ class BackendPool:
             log.warning("remote server %s ejected: %s (next try in %.1f s)", backend.label, error, delay)
         backend.state = "down"
 
-    def _recovered(self, backend: Backend) -> None:
+    def recovered(self, backend: Backend) -> None:
+        """Record that ``backend`` answered: it takes requests, its backoff starts over."""
         if backend.state == "down":
             log.info("remote server %s is back", backend.label)
         backend.state = "up"
@@ -195,13 +198,13 @@ class BackendPool:
         try:
             models = await backend.client.models.list(timeout=self.cfg.connect_timeout_s)
         except (openai.APIError, httpx2.HTTPError) as err:
-            self._failed(backend, f"probe failed: {describe(err)}")
+            self.failed(backend, f"probe failed: {describe(err)}")
             return
         served = [m.id for m in models.data]
         if name not in served:
-            self._failed(backend, f"does not serve model {name!r} (it serves: {', '.join(served) or 'nothing'})")
+            self.failed(backend, f"does not serve model {name!r} (it serves: {', '.join(served) or 'nothing'})")
             return
-        self._recovered(backend)
+        self.recovered(backend)
 
     async def acquire(
         self, stream: str | None, preferred: list[Backend | None], tried: list[Backend], deadline: float
@@ -509,13 +512,13 @@ class RemoteEngine(Engine):
             return self._attempt_failed(backend, reply, describe(err))
         if finish is None:
             return self._attempt_failed(backend, reply, "the answer's stream ended without a finish reason")
-        self.pool._recovered(backend)
+        self.pool.recovered(backend)
         backend.outcomes["answered"] += 1
         return False
 
     def _attempt_failed(self, backend: Backend, reply: _Reply, error: str) -> bool:
         backend.outcomes["failed"] += 1
-        self.pool._failed(backend, error)
+        self.pool.failed(backend, error)
         if reply.token_ids or reply.pieces:
             raise RemoteError(
                 f"remote server {backend.label} failed after {len(reply.token_ids)} tokens of the answer: {error}"
