@@ -221,6 +221,34 @@ class ModelConfig(_Strict):
     backend: str = Field(
         default="transformers", min_length=1, description="engine: a name in streamer.inference.registry"
     )
+    # The settings below are the remote engine's (backend "openai": vLLM or another
+    # OpenAI-compatible server).
+    base_url: str | None = Field(default=None, description="openai: a server's API root, e.g. http://host:8000/v1")
+    base_urls: list[str] = Field(
+        default_factory=list, description="openai: several servers (with base_url, if given): a pool"
+    )
+    name: str | None = Field(default=None, description="openai: the model name the servers serve; None: id")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="openai: environment variable with the API key"
+    )
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=300, description="openai: connecting, and health probes")
+    read_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="openai: longest silence in an answer's stream, first token included"
+    )
+    max_in_flight: int = Field(default=8, ge=1, le=1024, description="openai: requests open at once per server")
+    slot_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="openai: longest wait for a free request slot before failing"
+    )
+    backend_backoff_s: float = Field(
+        default=1.0, gt=0, le=600, description="openai: first wait before a failed server is tried again"
+    )
+    backend_backoff_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="openai: longest wait between tries of a failed server"
+    )
+    jpeg_quality: int = Field(default=90, ge=1, le=100, description="openai: JPEG quality of the frames sent")
+    jpeg_cache_mb: int = Field(
+        default=64, ge=0, le=65536, description="openai: memory for frames' JPEG encodings, reused across questions"
+    )
 
     def generation_kwargs(self) -> dict[str, Any]:
         """The generation settings this config sets, as ``generate`` keyword arguments; the
@@ -233,6 +261,28 @@ class ModelConfig(_Strict):
         if self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
+
+    @model_validator(mode="after")
+    def _remote_settings(self) -> ModelConfig:
+        urls = self.remote_urls
+        if self.backend == "openai" and not urls:
+            raise ValueError("backend 'openai' needs base_url or base_urls")
+        if self.backend != "openai" and urls:
+            raise ValueError("base_url and base_urls are for backend 'openai'")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a server is listed twice in base_url/base_urls")
+        if self.backend_backoff_s > self.backend_backoff_max_s:
+            raise ValueError("backend_backoff_s must not exceed backend_backoff_max_s")
+        return self
+
+    @property
+    def remote_urls(self) -> list[str]:
+        """The remote servers' API roots: ``base_url`` first, then ``base_urls``."""
+        return ([self.base_url] if self.base_url else []) + list(self.base_urls)
 
     @property
     def is_tiny(self) -> bool:

@@ -37,6 +37,11 @@ GROUPS = {
         "gstreamer1.0-plugins-ugly python3-gi",
     ),
     "browser": Group("browser", "browser tests (tests/test_dashboard.py)", "apt-get install chromium"),
+    "vllm": Group(
+        "vllm",
+        "remote-engine tests against a real vLLM (tests/test_remote_vllm.py)",
+        ".ci/install-vllm .venv-vllm (or point STREAMER_VLLM_PYTHON at a vLLM venv's python)",
+    ),
 }
 
 
@@ -60,10 +65,26 @@ def _chromium_missing() -> str | None:
     return None
 
 
+def _vllm_missing() -> str | None:
+    from tests.vllm_server import PYTHON_ENV, vllm_python
+
+    python = vllm_python()
+    if not python.exists():
+        return f"no vLLM Python at {python} (set {PYTHON_ENV})"
+    probe = subprocess.run(  # finding the package is enough: importing vLLM takes seconds
+        [str(python), "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"{python} has no vllm package"
+    return None
+
+
 @functools.cache
 def missing(group: str) -> str | None:
     """Why ``group`` cannot run here, or None when everything it needs is installed."""
-    return {"rtsp": _gstreamer_rtsp_missing, "browser": _chromium_missing}[group]()
+    return {"rtsp": _gstreamer_rtsp_missing, "browser": _chromium_missing, "vllm": _vllm_missing}[group]()
 
 
 def require(group: str) -> None:
@@ -85,5 +106,5 @@ def report_header() -> list[str]:
         if reason is not None:
             lines.append(f"SKIPPING {group.tests}: {reason}. Install: {group.install}")
     if not lines:
-        return ["system packages: all present (RTSP server, chromium); nothing will be skipped for lack of them"]
+        return ["system packages: all present (RTSP server, chromium, vLLM); nothing will be skipped for lack of them"]
     return lines

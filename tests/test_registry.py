@@ -20,7 +20,7 @@ def test_the_default_backend_is_transformers_and_is_registered() -> None:
 
 def test_an_unknown_backend_is_a_config_error_naming_the_field() -> None:
     """create_engine refuses a backend nobody registered, naming model.backend and the known ones."""
-    with pytest.raises(ConfigError, match=r"model\.backend: unknown engine 'vllm' \(known: transformers\)"):
+    with pytest.raises(ConfigError, match=r"model\.backend: unknown engine 'vllm' \(known: openai, transformers\)"):
         create_engine(ModelConfig(backend="vllm"))
 
 

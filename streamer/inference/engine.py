@@ -100,6 +100,11 @@ ENGINE_STATS: dict[str, tuple[str, str]] = {
     "prefix_cache_limit_bytes": ("gauge", "Bound on the prefixes' KV caches (model.prefix_cache_mb)"),
     "batch_kv_bytes": ("gauge", "KV cache memory of the last batch decoded on the fast path"),
     "batch_kv_limit_bytes": ("gauge", "Bound on one batch's KV caches (model.batch_kv_mb)"),
+    "jpeg_cache_entries": ("gauge", "Frames with a kept JPEG encoding (remote engine)"),
+    "jpeg_cache_bytes": ("gauge", "Memory of the kept JPEG encodings (base64)"),
+    "jpeg_cache_limit_bytes": ("gauge", "Bound on the kept JPEG encodings (model.jpeg_cache_mb)"),
+    "jpeg_cache_hits": ("counter", "Frames sent with their kept JPEG encoding"),
+    "jpeg_cache_misses": ("counter", "Frames that had to be JPEG-encoded"),
 }
 
 

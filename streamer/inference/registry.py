@@ -28,7 +28,14 @@ def _transformers(cfg: ModelConfig, progress: Progress | None) -> Engine:
     return TransformersEngine(load_model(cfg, progress), cfg)
 
 
-BACKENDS: dict[str, EngineFactory] = {"transformers": _transformers}
+def _openai(cfg: ModelConfig, progress: Progress | None) -> Engine:
+    """OpenAI-compatible servers (vLLM) over HTTP; no model in this process."""
+    from streamer.inference.remote import RemoteEngine
+
+    return RemoteEngine(cfg)
+
+
+BACKENDS: dict[str, EngineFactory] = {"transformers": _transformers, "openai": _openai}
 
 
 def engine_factory(backend: str) -> EngineFactory:
@@ -68,3 +75,9 @@ def engine_memory(engine: Engine | None) -> dict[str, int]:
         out["cuda_allocated"] = torch.cuda.memory_allocated(loaded.device)
         out["cuda_reserved"] = torch.cuda.memory_reserved(loaded.device)
     return out
+
+
+def engine_backends(engine: Engine | None) -> list[dict[str, Any]] | None:
+    """A remote engine's servers (state, requests, latency), or None for a local engine."""
+    statuses = getattr(engine, "backend_statuses", None)
+    return statuses() if statuses is not None else None

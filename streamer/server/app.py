@@ -59,6 +59,8 @@ def create_app(runtime: Runtime) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         status = "ok" if service.serving else ("shutting_down" if service.shutting_down else "starting")
         model = protocol.model_object(runtime.settings.model.id, runtime.model_note)
+        if (backends := runtime.backend_statuses()) is not None:
+            model["backends"] = backends  # remote servers: in /healthz, never in welcome
         body = protocol.health(status, runtime.version, model, runtime.statuses())
         return JSONResponse(body, status_code=200 if service.serving else 503)
 

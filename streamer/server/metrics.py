@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from streamer.server.runtime import Runtime
@@ -66,10 +66,45 @@ class _RuntimeCollector(Collector):
                 metric.add_metric([], stats[name])
                 yield metric
 
+        yield from _backend_metrics(self.runtime.backend_statuses() or [])
+
         memory = GaugeMetricFamily("streamer_model_memory_bytes", "Memory held by the model", labels=["kind"])
         for kind, value in self.runtime.model_memory().items():
             memory.add_metric([kind], value)
         yield memory
+
+
+def _backend_metrics(statuses: list[dict]) -> Iterator[Metric]:
+    """A remote engine's servers, labelled by URL (credentials masked)."""
+    if not statuses:
+        return
+    labels = ["backend"]
+    up = GaugeMetricFamily("streamer_backend_up", "1 while the remote server takes requests, 0 ejected", labels=labels)
+    in_flight = GaugeMetricFamily("streamer_backend_in_flight", "Requests open on the remote server", labels=labels)
+    requests = CounterMetricFamily(
+        "streamer_backend_requests", "Requests by outcome: answered, stopped, failed", labels=["backend", "outcome"]
+    )
+    ejections = CounterMetricFamily("streamer_backend_ejections", "Times the server was ejected", labels=labels)
+    first_token = SummaryMetricFamily(
+        "streamer_backend_first_token_seconds", "From sending a request to its first token", labels=labels
+    )
+    prompt = CounterMetricFamily("streamer_backend_prompt_tokens", "Prompt tokens the server reported", labels=labels)
+    cached = CounterMetricFamily(
+        "streamer_backend_cached_prompt_tokens", "Prompt tokens served from the server's prefix cache", labels=labels
+    )
+    sent = CounterMetricFamily("streamer_backend_request_bytes", "Bytes of request bodies sent", labels=labels)
+    for st in statuses:
+        url = [st["url"]]
+        up.add_metric(url, 1.0 if st["state"] == "up" else 0.0)
+        in_flight.add_metric(url, st["in_flight"])
+        for outcome in ("answered", "stopped", "failed"):
+            requests.add_metric([st["url"], outcome], st["requests"].get(outcome, 0))
+        ejections.add_metric(url, st["ejections"])
+        first_token.add_metric(url, count_value=st["first_token_count"], sum_value=st["first_token_s_sum"])
+        prompt.add_metric(url, st["prompt_tokens"])
+        cached.add_metric(url, st["cached_prompt_tokens"])
+        sent.add_metric(url, st["request_bytes"])
+    yield from (up, in_flight, requests, ejections, first_token, prompt, cached, sent)
 
 
 class Metrics:

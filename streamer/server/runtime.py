@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamer import __version__
 from streamer.capture import RingBuffer, Stream, StreamStatus, stream_for
 from streamer.config import Settings, SourceConfig
 from streamer.inference.questions import StreamFeed
-from streamer.inference.registry import create_engine, engine_memory
+from streamer.inference.registry import create_engine, engine_backends, engine_memory
 from streamer.service import AskService, EventHub, StreamChanged
 
 if TYPE_CHECKING:
@@ -118,6 +118,11 @@ class Runtime:
     def model_memory(self) -> dict[str, int]:
         """Bytes held by the model: its weights, and on CUDA what the allocator holds."""
         return engine_memory(self.engine)
+
+    def backend_statuses(self) -> list[dict[str, Any]] | None:
+        """A remote engine's servers: state, requests, latency (``/healthz``, ``/metrics``);
+        None for an engine in this process. Not in ``welcome``: clients need not see them."""
+        return engine_backends(self.engine)
 
 
 def _feed(stream: Stream) -> StreamFeed:
