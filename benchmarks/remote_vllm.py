@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the vLLM launcher the tests use
 
 from streamer.bench import start_server  # noqa: E402
-from streamer.capture.recording import write_video  # noqa: E402
+from streamer.benchmark.clips import write_video  # noqa: E402
 from streamer.inference.jpeg_window import encode_jpeg  # noqa: E402
 from streamer.inference.tiny import ensure_tiny_model  # noqa: E402
 from tests.vllm_server import SERVED_NAME, VllmServer, free_port  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.capture.recording import write_video
+from streamer.benchmark.clips import write_video
 from streamer.inference.remote import RemoteEngine
 from tests.inproc import InProcessServer
 from tests.system import require
