@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -140,6 +141,10 @@ def test_documented_errors(server: InProcessServer) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         _client(server).chat.completions.create(model="demo", extra_body={"streamer": {"mode": "audio"}}, **ask)
     assert err.value.param == "streamer.mode"
+    picture = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(server).chat.completions.create(model="demo", messages=[{"role": "user", "content": picture}])
+    assert err.value.param == "messages.0.content.0" and "image_url" in err.value.message
     with pytest.raises(openai.InternalServerError) as err:
         _client(server).chat.completions.create(model="empty", stream=True, **ask)
     assert err.value.status_code == 503 and err.value.code == "stream_unavailable"
@@ -225,7 +230,8 @@ def gated(tiny_model: Path) -> Iterator[tuple[InProcessServer, GatedEngine]]:
 
 def test_a_full_queue_is_429_and_a_disconnect_cancels_the_question(gated) -> None:
     """With one question running and the queue full a third is refused 429 busy; a client that
-    leaves mid-stream ends its question `cancelled` in the loop and in /metrics."""
+    leaves mid-stream (or before a stream=false answer) ends its question `cancelled`, in the
+    loop and in /metrics."""
     server, engine = gated
     client = _client(server)
     ask = {"model": "demo", "messages": [{"role": "user", "content": "?"}], "max_tokens": 12}
@@ -241,12 +247,22 @@ def test_a_full_queue_is_429_and_a_disconnect_cancels_the_question(gated) -> Non
     running.close()  # the client goes away mid-stream
     waiting.close()
     _until(lambda: server.loop.outcomes.get("cancelled", 0) == before + 2, "both questions cancelled")
+    submitted = server.loop.submitted
+    body = json.dumps({**ask, "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # stream=false, then gone
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        _until(lambda: server.loop.submitted == submitted + 1, "the non-streamed question asked")
+    _until(lambda: server.loop.outcomes.get("cancelled", 0) == before + 3, "the non-streamed question cancelled")
     engine.gate.set()
     reply = client.chat.completions.create(**ask)
     assert reply.choices[0].message.content is not None
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/metrics")
     metrics = conn.getresponse().read().decode()
-    assert 'streamer_questions_total{kind="ask",outcome="cancelled"} 2.0' in metrics
+    assert 'streamer_questions_total{kind="ask",outcome="cancelled"} 3.0' in metrics
     assert 'streamer_questions_total{kind="ask",outcome="busy"} 1.0' in metrics
     assert 'streamer_questions_total{kind="ask",outcome="answer"} 1.0' in metrics

@@ -3,8 +3,8 @@ completion request, the ``chat.completion`` and ``chat.completion.chunk`` bodies
 list, and error objects. One place for them, as :mod:`streamer.server.protocol` is for the
 WebSocket.
 
-Requests follow OpenAI's JSON (numbers may be given as JSON numbers of either kind, as
-OpenAI accepts); unknown fields are ignored so any OpenAI client works. The extension
+Requests follow OpenAI's JSON, validated strictly (a string where a number belongs is an
+error naming the field, not coerced); unknown fields are ignored so any OpenAI client works. The extension
 object ``streamer`` (``frames``, ``mode``) goes in the request; the answer's frames come
 back in ``streamer.frames`` (the WebSocket ``answer``'s ``frames`` object).
 """
@@ -78,7 +78,7 @@ def unauthorized() -> V1Error:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
 class TextPart(_Model):
@@ -179,11 +179,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
+        # Of a union's alternatives, the error that says most: our own refusal, else the
+        # deepest, else the last (the list form of ``stop``, of ``content``).
+        errors = err.errors()
+        first = max(enumerate(errors), key=lambda ie: (ie[1]["type"] == "value_error", len(ie[1]["loc"]), ie[0]))[1]
         # The field's path without pydantic's union-member names: messages.0.content.
         loc = [str(p) for p in first["loc"] if isinstance(p, int) or not _union_tag(p)]
         param = ".".join(loc) or None
-        what = "missing" if first["type"] == "missing" else first["msg"]
+        what = "missing" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
         raise _bad(f"{param}: {what}" if param else what, param) from None
     request.question()  # a request without a question is bad input, not a question that fails later
     return request
