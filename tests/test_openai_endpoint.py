@@ -266,3 +266,23 @@ def test_a_full_queue_is_429_and_a_disconnect_cancels_the_question(gated) -> Non
     assert 'streamer_questions_total{kind="ask",outcome="cancelled"} 3.0' in metrics
     assert 'streamer_questions_total{kind="ask",outcome="busy"} 1.0' in metrics
     assert 'streamer_questions_total{kind="ask",outcome="answer"} 1.0' in metrics
+    assert sum(server.loop.outcomes.values()) == server.loop.submitted == 5, "each question ended once"
+
+
+def test_a_shutdown_mid_stream_ends_it_with_an_error_event(gated) -> None:
+    """A server stopping while an answer streams sends an OpenAI error event (`shutting_down`),
+    which the openai client raises, and the question ends once."""
+    server, engine = gated
+    stream = _client(server).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "?"}], max_tokens=12, stream=True
+    )
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.role == "assistant"
+    assert engine.entered.wait(60), "the question runs"
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    with pytest.raises(openai.APIError) as err:
+        list(chunks)
+    assert err.value.code == "shutting_down"
+    stopping.join(60)
+    assert server.loop.outcomes == {"shutting_down": 1}
