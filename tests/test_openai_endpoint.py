@@ -154,6 +154,10 @@ def test_documented_errors(server: InProcessServer) -> None:
     )
     missing = conn.getresponse()
     assert missing.status == 401 and json.loads(missing.read())["error"]["code"] == "invalid_api_key"
+    huge = [{"role": "user", "content": "x" * server.settings.server.max_message_bytes}]
+    with pytest.raises(openai.APIStatusError) as err:
+        _client(server).chat.completions.create(model="demo", messages=huge)
+    assert err.value.status_code == 413 and "max_message_bytes" in err.value.message
 
 
 def test_sse_framing_over_raw_http(server: InProcessServer) -> None:

@@ -74,6 +74,10 @@ def unauthorized() -> V1Error:
     )
 
 
+def too_large(limit: int) -> V1Error:
+    return V1Error(413, f"the body is larger than {limit} bytes (server.max_message_bytes)", "invalid_request_error")
+
+
 # -- requests --------------------------------------------------------------------------------
 
 

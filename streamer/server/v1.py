@@ -222,6 +222,19 @@ class ChatCompletion:
         self.session.close()
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise wire.too_large(limit)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise wire.too_large(limit)
+    return bytes(body)
+
+
 class _ClosingStream(StreamingResponse):
     """An SSE response that closes its completion however the response ends: a client that
     leaves before the first chunk never starts the body's generator, so its ``finally`` is not enough."""
@@ -255,6 +268,10 @@ def routes(state: ServerState) -> list[BaseRoute]:
     def rate_limited(request: Request) -> V1Error | None:
         """asks_per_minute, per token (per client address without tokens), as per WebSocket connection."""
         key = request.headers.get("authorization", "") if limits.tokens else (request.client or ("?",))[0]
+        if key not in rates and len(rates) >= 1024:  # forget clients whose buckets have filled up again
+            now = time.monotonic()
+            for idle in [k for k, r in rates.items() if r.tokens + (now - r.updated) * r.rate >= r.capacity]:
+                del rates[idle]
         rate = rates.setdefault(key, RateLimit(limits.asks_per_minute))
         if rate.allow():
             return None
@@ -277,7 +294,7 @@ def routes(state: ServerState) -> list[BaseRoute]:
         if not authorized(request):
             return refuse(wire.unauthorized())
         try:
-            chat = wire.parse_chat_request(await request.body())
+            chat = wire.parse_chat_request(await _body(request, limits.max_message_bytes))
             if chat.model not in runtime.captures:
                 raise wire.service_error("unknown_stream", f"no stream named {chat.model!r}")
             if (limited := rate_limited(request)) is not None:
