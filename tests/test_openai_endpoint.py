@@ -290,3 +290,40 @@ def test_a_shutdown_mid_stream_ends_it_with_an_error_event(gated) -> None:
     assert err.value.code == "shutting_down"
     stopping.join(60)
     assert server.loop.outcomes == {"shutting_down": 1}
+
+
+def test_temperature_top_p_and_seed_are_honoured_per_question(server: InProcessServer) -> None:
+    """temperature 0 answers as the configured greedy decoding (fast path vs generate); temperature
+    above 0 samples, the same seed giving the same answer and another seed another one."""
+    client = _client(server)
+    ask = {"model": "still", "messages": [{"role": "user", "content": "What is in the picture?"}], "max_tokens": 12}
+
+    def answer(**settings: object) -> str:
+        text = client.chat.completions.create(**ask, **settings).choices[0].message.content  # type: ignore[arg-type]
+        assert text is not None
+        return text
+
+    greedy = answer()
+    assert answer(temperature=0, seed=3) == greedy
+    hot = answer(temperature=1.5, top_p=1.0, seed=7)
+    assert answer(temperature=1.5, top_p=1.0, seed=7) == hot
+    assert answer(temperature=1.5, top_p=1.0, seed=8) != hot
+    assert hot != greedy
+
+
+def test_the_remote_engine_sends_a_questions_own_sampling_settings() -> None:
+    """With model.backend openai a question's temperature, top_p and seed go to vLLM over the
+    configured ones; temperature 0 is greedy whatever is configured."""
+    from streamer.config import ModelConfig
+    from streamer.inference.questions import Sampling
+    from streamer.inference.remote import RemoteEngine
+
+    greedy = RemoteEngine(ModelConfig(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    assert greedy.sampling(Sampling(top_p=0.5, seed=3)) == {"temperature": 1.0, "top_p": 0.5, "seed": 3}
+    assert greedy.sampling(Sampling(temperature=0.8)) == {"temperature": 0.8}
+    sampled = RemoteEngine(
+        ModelConfig(backend="openai", base_url="http://127.0.0.1:9/v1", do_sample=True, temperature=0.7, seed=1)
+    )
+    assert sampled.sampling(Sampling(temperature=0, seed=5)) == {"temperature": 0.0}
+    assert sampled.sampling(Sampling(seed=5)) == {"temperature": 0.7, "seed": 5}
+    assert sampled.sampling() == {"temperature": 0.7, "seed": 1}

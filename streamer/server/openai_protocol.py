@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streamer.capture import StreamStatus
-from streamer.inference.questions import Answer
+from streamer.inference.questions import Answer, Sampling
 
 OBJECT_CHUNK = "chat.completion.chunk"
 DONE = "data: [DONE]\n\n"
@@ -151,6 +151,12 @@ class ChatRequest(_Model):
                     raise _bad("the question (the last user message) is longer than 2000 characters", "messages")
                 return text
         raise _bad("no user message: the last user message is the question", "messages")
+
+    def sampling(self) -> Sampling | None:
+        """``temperature``, ``top_p`` and ``seed`` when any is given (None: the configured decoding)."""
+        if self.temperature is None and self.top_p is None and self.seed is None:
+            return None
+        return Sampling(self.temperature, self.top_p, self.seed)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

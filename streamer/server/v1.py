@@ -97,6 +97,7 @@ class ChatCompletion:
             frames=chat.streamer.frames if chat.streamer else None,
             max_new_tokens=chat.new_tokens,
             mode=chat.streamer.mode if chat.streamer else None,
+            sampling=chat.sampling(),
         )
         self.max_new_tokens = state.runtime.service.defaults(self.ask)[1]
         self.stops = StopScanner(chat.stop_strings)
