@@ -19,6 +19,7 @@ Wire shapes: :mod:`streamer.server.openai_protocol`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -152,23 +153,24 @@ class ChatCompletion:
     async def answer(self) -> Response:
         """``stream: false``: wait for the answer (the client leaving cancels it)."""
         text = []
-        async for event in self._until_disconnected(self.events()):
-            if isinstance(event, Token):
-                text.append(self.stops.feed(event.text))
-            elif isinstance(event, Failed):
-                raise wire.service_error(event.code, event.message)
-            elif isinstance(event, Answered):
-                text.append(self.stops.flush() if not self.stops.stopped else "")
-                body = wire.completion(
-                    self.id,
-                    self.created,
-                    self.chat.model,
-                    "".join(text),
-                    self.finish_reason(len(event.answer.token_ids)),
-                    self.usage(event),
-                    event.answer,
-                )
-                return JSONResponse(body)
+        async with contextlib.aclosing(self._until_disconnected(self.events())) as events:
+            async for event in events:
+                if isinstance(event, Token):
+                    text.append(self.stops.feed(event.text))
+                elif isinstance(event, Failed):
+                    raise wire.service_error(event.code, event.message)
+                elif isinstance(event, Answered):
+                    text.append(self.stops.flush())
+                    body = wire.completion(
+                        self.id,
+                        self.created,
+                        self.chat.model,
+                        "".join(text),
+                        self.finish_reason(len(event.answer.token_ids)),
+                        self.usage(event),
+                        event.answer,
+                    )
+                    return JSONResponse(body)
         raise wire.service_error("cancelled", "the client went away")
 
     async def _until_disconnected(self, events: AsyncIterator) -> AsyncIterator:
@@ -184,9 +186,10 @@ class ChatCompletion:
                     log.info("%s: the client went away; cancelling", self.session.name)
                     return
                 try:
-                    yield following.result()
+                    event = following.result()
                 except StopAsyncIteration:
                     return
+                yield event
         finally:
             gone.cancel()
 
