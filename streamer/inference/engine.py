@@ -20,6 +20,7 @@ import torch
 
 from streamer.config import ModelConfig
 from streamer.inference.loader import LoadedModel
+from streamer.inference.questions import Sampling
 from streamer.inference.video import processor_inputs
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class GenerationRequest:
     #: of that stream shares (the loop uses (seq, capture time)). Lets an engine reuse work.
     stream: str | None = None
     frame_ids: tuple[Hashable, ...] | None = None
+    #: This question's decoding settings over the configured ones (None: the configured ones).
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ class TransformersEngine(Engine):
             return "image questions"
         if request.stream is None or request.frame_ids is None:
             return "requests without frame identities"
+        if request.sampling is not None:
+            return "questions with their own sampling settings"
         return None
 
     def generate(
@@ -507,10 +512,11 @@ class TransformersEngine(Engine):
         decoder = IncrementalDecoder(self.loaded.processor.tokenizer, on_text)
         streamer = _StreamerAdapter(decoder)
         stop = _StopWhen(should_stop)
-        with torch.inference_mode(), self._seeded():
+        overrides = {**self._overrides, **(request.sampling.generate_kwargs() if request.sampling else {})}
+        with torch.inference_mode(), self._seeded(request.sampling):
             self.loaded.model.generate(
                 **inputs,
-                **self._overrides,
+                **overrides,
                 max_new_tokens=request.max_new_tokens,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([stop]),
@@ -521,11 +527,12 @@ class TransformersEngine(Engine):
             text=text, token_ids=decoder.ids, stopped=stop.fired, first_token_at=streamer.first_token_at
         )
 
-    def _seeded(self) -> contextlib.AbstractContextManager:
-        """Around ``generate``: torch's random numbers seeded with ``model.seed`` when it
-        samples (the global generator's state is restored after), else nothing."""
-        seed = self.cfg.seed
-        if seed is None or not self._generation.do_sample:
+    def _seeded(self, sampling: Sampling | None = None) -> contextlib.AbstractContextManager:
+        """Around ``generate``: torch's random numbers seeded with the question's seed, else
+        ``model.seed``, when it samples (the global generator's state is restored after), else nothing."""
+        seed = sampling.seed if sampling is not None and sampling.seed is not None else self.cfg.seed
+        do_sample = (sampling.generate_kwargs() if sampling else {}).get("do_sample", self._generation.do_sample)
+        if seed is None or not do_sample:
             return contextlib.nullcontext()
         return _seeded(seed, self.loaded.device)
 

@@ -314,6 +314,7 @@ def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[
             mode=job.question.mode,
             stream=job.stream,
             frame_ids=tuple((f.seq, f.ts) for f in frames),
+            sampling=job.question.sampling,
         )
         for job in batch
     ]

@@ -68,6 +68,29 @@ class WatchSink(AnswerSink, Protocol):
     def on_watch_end(self, watch: Watch, code: ErrorCode, message: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """One question's decoding settings over the configured ones, as OpenAI's API means them:
+    ``temperature`` 0 decodes greedily, above 0 samples at that temperature; ``top_p`` samples
+    from that much probability mass; ``seed`` seeds the draws. Unset ones stay as configured
+    (the model's generation config and ``model.*``)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, float | bool]:
+        """The overrides these settings make to transformers' ``generate`` (no seed: it is not one)."""
+        if self.temperature == 0:
+            return {"do_sample": False}
+        kwargs: dict[str, float | bool] = {}
+        if self.temperature is not None:
+            kwargs.update(do_sample=True, temperature=self.temperature)
+        if self.top_p is not None:
+            kwargs.update(do_sample=True, top_p=self.top_p)
+        return kwargs
+
+
 @dataclass(frozen=True, eq=False)
 class Question:
     """One question about the newest frames of ``stream``; ``owner`` is whoever may cancel it."""
@@ -83,6 +106,8 @@ class Question:
     received_at: float = field(default_factory=time.monotonic)
     #: The standing question this is a round of, or None for a person's ask.
     watch: Watch | None = None
+    #: Decoding settings of this question over the configured ones (None: the configured ones).
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -44,7 +44,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx2
@@ -55,6 +55,7 @@ from streamer.capture import mask_url
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, GenerationResult
 from streamer.inference.jpeg_window import JpegFrames
+from streamer.inference.questions import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -386,16 +387,25 @@ class RemoteEngine(Engine):
             "max_tokens": request.max_new_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **self.sampling(),
+            **self.sampling(request.sampling),
             "extra_body": {"return_token_ids": True, **self.sampling_extra()},
         }
 
-    def sampling(self) -> dict[str, Any]:
-        """The OpenAI sampling fields: ``temperature: 0`` (greedy) unless sampling is configured."""
+    def sampling(self, own: Sampling | None = None) -> dict[str, Any]:
+        """The OpenAI sampling fields: ``temperature: 0`` (greedy) unless sampling is configured
+        or the question samples (``own``: its settings over the configured ones)."""
         cfg = self.cfg
+        fields: dict[str, Any]
         if not cfg.do_sample:
-            return {"temperature": 0.0}
-        fields = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+            fields = {"temperature": 0.0}
+        else:
+            fields = {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+        if own is not None:
+            if own.generate_kwargs().get("do_sample") is False:
+                return {"temperature": 0.0}
+            if own.generate_kwargs().get("do_sample") and not fields.get("temperature"):
+                fields["temperature"] = cfg.temperature or 1.0  # sampling, at the configured temperature
+            fields.update({k: v for k, v in asdict(own).items() if v is not None})
         return {k: v for k, v in fields.items() if v is not None}
 
     def sampling_extra(self) -> dict[str, Any]:

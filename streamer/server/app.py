@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from streamer.server import protocol
+from streamer.server import protocol, v1
 from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
@@ -81,6 +81,7 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         WebSocketRoute("/ws", websocket_endpoint),
+        *v1.routes(state),  # the OpenAI-compatible endpoint
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
     if dashboard.is_dir():

@@ -29,10 +29,12 @@ Behind a reverse proxy the server sees the proxy's ``Host`` and scheme as it for
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -137,6 +139,19 @@ def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> l
             )
         )
     return middleware
+
+
+def bearer_token_ok(tokens: Sequence[SecretStr], authorization: str | None) -> bool:
+    """Whether an ``Authorization: Bearer <token>`` header carries one of ``tokens`` (no
+    tokens: every request may pass). Compared with each token in constant time, so timing
+    says nothing about which one nearly matched."""
+    if not tokens:
+        return True
+    scheme, _, value = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = value.strip().encode()
+    return any([hmac.compare_digest(given, t.get_secret_value().encode()) for t in tokens])
 
 
 def startup_warnings(cfg: ServerConfig) -> list[str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamer.config import Settings, SourceConfig
-from streamer.inference.questions import Answer, ErrorCode, Mode, Question, Rejected, Watch
+from streamer.inference.questions import Answer, ErrorCode, Mode, Question, Rejected, Sampling, Watch
 from streamer.service.events import (
     Accepted,
     Alerted,
@@ -55,6 +55,8 @@ class AskRequest:
     frames: int | None = None
     max_new_tokens: int | None = None
     mode: Mode | None = None
+    #: Decoding settings over the configured ones (asks only; None: the configured ones).
+    sampling: Sampling | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class Session:
         if loop is None:
             return
         try:
-            loop.submit(Question(**self._question_fields(request)))
+            loop.submit(Question(**self._question_fields(request), sampling=request.sampling))
         except Rejected as err:  # ended through on_error already
             log.info("%s: question %s refused: %s", self.name, request.id, err.code)
 
