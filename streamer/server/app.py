@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import uvicorn
@@ -29,9 +30,11 @@ from streamer.server import protocol
 from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
+from streamer.server.publishing import Publishers
 from streamer.server.runtime import Runtime
-from streamer.server.security import access_middleware, startup_warnings
+from streamer.server.security import access_middleware, bearer_token_ok, startup_warnings
 from streamer.server.state import ServerState
+from streamer.server.whip import Whip
 from streamer.service import Answered, Failed, Subscription
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,10 @@ class DashboardFiles(StaticFiles):
 
 
 def create_app(runtime: Runtime) -> Starlette:
-    state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of))
+    state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of), Publishers(runtime))
     service = runtime.service
+    state.publishers.on_open = state.announce
+    whip = Whip(state.publishers, partial(bearer_token_ok, runtime.settings.server))
 
     async def healthz(request: Request) -> JSONResponse:
         status = "ok" if service.serving else ("shutting_down" if service.shutting_down else "starting")
@@ -73,7 +78,10 @@ def create_app(runtime: Runtime) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         counting = _count_outcomes(state, asyncio.get_running_loop())
+        state.publishers.start()
         yield
+        await whip.stop()
+        await state.publishers.stop()
         counting.close()
         runtime.stop()
 
@@ -81,6 +89,7 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         WebSocketRoute("/ws", websocket_endpoint),
+        *whip.routes(),
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
     if dashboard.is_dir():
@@ -161,7 +170,10 @@ def make_server(runtime: Runtime, on_listening: Callable[[str, int], None] | Non
         host=server_cfg.host,
         port=server_cfg.port,
         ws="websockets-sansio",
-        ws_max_size=server_cfg.max_message_bytes,
+        # Published JPEG frames are larger than messages (Connection holds text to max_message_bytes).
+        # Up to twice max_frame_bytes a frame is refused with an error and the publisher goes on;
+        # beyond, the WebSocket closes with 1009 (message too big).
+        ws_max_size=max(server_cfg.max_message_bytes, 2 * server_cfg.publish.max_frame_bytes),
         ws_ping_interval=server_cfg.ping_interval_s,
         ws_ping_timeout=server_cfg.ping_timeout_s,
         ssl_certfile=str(server_cfg.tls_cert) if server_cfg.tls_cert else None,

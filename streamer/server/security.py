@@ -29,6 +29,7 @@ Behind a reverse proxy the server sees the proxy's ``Host`` and scheme as it for
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +138,24 @@ def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> l
             )
         )
     return middleware
+
+
+def token_valid(cfg: ServerConfig, token: str | None) -> bool:
+    """Whether ``token`` is one of the server's tokens (constant time: compared with each)."""
+    if token is None:
+        return False
+    given = token.encode()
+    # Compare against every token, so timing says nothing about which one nearly matched.
+    results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in cfg.tokens]
+    return any(results)
+
+
+def bearer_token_ok(cfg: ServerConfig, authorization: str | None) -> bool:
+    """Whether a request may proceed: no tokens are set, or it carries ``Bearer <a token>``."""
+    if not cfg.tokens:
+        return True
+    scheme, _, value = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and token_valid(cfg, value.strip())
 
 
 def startup_warnings(cfg: ServerConfig) -> list[str]:
