@@ -193,6 +193,8 @@ async def _take_offer(session: WhipSession, offer: str) -> None:
         if pc.connectionState in ("failed", "closed"):
             session.hang_up(f"connection {pc.connectionState}")
 
+    if "\na=fingerprint:" not in offer:  # aiortc would take it and fail later, inside its connect task
+        raise ValueError("the offer has no DTLS fingerprint (a=fingerprint)")
     await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
     if not any(t.kind == "video" for t in session.tracks):
         raise ValueError("the offer has no video track to receive")
