@@ -21,7 +21,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -92,6 +92,12 @@ def create_app(runtime: Runtime) -> Starlette:
         *whip.routes(),
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
+    if (dashboard / "call.html").is_file():  # the customer's side of a video call: /call?stream=NAME
+
+        async def call_page(request: Request) -> Response:
+            return FileResponse(dashboard / "call.html")
+
+        routes.append(Route("/call", call_page))
     if dashboard.is_dir():
         routes.append(Mount("/", DashboardFiles(directory=dashboard, html=True), name="dashboard"))
     else:
