@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import websockets
 from PIL import Image
 
 from streamer_client import Client, ServerError
@@ -193,3 +194,15 @@ async def test_publishing_can_be_turned_off(start) -> None:
         await a.welcome()
         with pytest.raises(ServerError, match="publishing is off"):
             await a.publish("c1")
+
+
+async def test_a_text_message_over_max_message_bytes_still_closes_1009(server: InProcessServer) -> None:
+    """The socket takes binary frames up to the publish limits; a 100 KiB text message still gets 1009."""
+
+    async with await Client.connect(server.url) as a:
+        await a.welcome()
+        await a.send({"type": "ask", "id": "big", "stream": "cam", "question": "x" * (100 * 1024)})
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await a.ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009

@@ -36,6 +36,8 @@ from streamer.service import CutOff, Session
 
 log = logging.getLogger(__name__)
 
+CLOSE_MESSAGE_TOO_BIG = 1009
+
 AUTH_TIMEOUT_S = 5.0
 _connection_ids = itertools.count(1)
 
@@ -210,9 +212,9 @@ class Connection:
             if event.get("text") is None:
                 await self._published_frame(event.get("bytes") or b"")
                 continue
-            if len(event["text"]) > self.limits.max_message_bytes:  # the socket takes frames up to max_frame_bytes
-                self.outbox.put(protocol.error_message("bad_request", "message too large"))
-                continue
+            if len(event["text"].encode()) > self.limits.max_message_bytes:  # the socket takes larger frames
+                self.outbox.close(CLOSE_MESSAGE_TOO_BIG, "message too big")  # as the WebSocket itself would
+                return
             try:
                 msg = parse_client_message(event["text"])
             except ProtocolError as err:
