@@ -214,3 +214,39 @@ async def test_five_publish_hang_up_cycles_leave_no_thread_or_fd_behind(server: 
     for i in range(1, 6):
         await cycle(i)
     await settled_to(*before)
+
+
+async def test_a_listed_origin_reads_the_location_and_max_streams_holds() -> None:
+    """A page on a listed origin may read Location (CORS expose); a call beyond max_streams gets 503 busy."""
+    config = {
+        "sources": [{"name": "cam", "url": "push"}],
+        "model": {"id": "tiny-random", "frames": 2},
+        "server": {"allowed_origins": ["https://support.example"], "publish": {"max_streams": 1}},
+    }
+    server = InProcessServer(config, engine=WordEngine()).start(min_frames=0)
+    try:
+        base = base_of(server)
+        pc = RTCPeerConnection()
+        pc.addTrack(LevelTrack())
+        headers = {"Content-Type": "application/sdp", "Origin": "https://support.example"}
+        status, answer_headers, answer = await asyncio.to_thread(
+            http, "POST", f"{base}/whip/c1", (await offer_sdp(pc)).encode(), headers
+        )
+        assert status == 201
+        assert answer_headers["Access-Control-Allow-Origin"] == "https://support.example"
+        assert "location" in answer_headers["Access-Control-Expose-Headers"].lower()
+        second = RTCPeerConnection()
+        second.addTrack(LevelTrack())
+        status, _, text = await asyncio.to_thread(
+            http, "POST", f"{base}/whip/c2", (await offer_sdp(second)).encode(), headers
+        )
+        assert status == 503 and "maximum of 1 published" in text
+        await second.close()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        status, _, _ = await asyncio.to_thread(http, "DELETE", base + answer_headers["Location"], None, headers)
+        assert status == 200
+        await pc.close()
+        await until(lambda: "c1" not in server.runtime.captures, "c1 removed")
+        assert [s.name for s in server.runtime.statuses()] == ["cam"]
+    finally:
+        server.stop()

@@ -134,6 +134,7 @@ def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> l
                 allow_origins=cfg.allowed_origins,
                 allow_methods=["*"],
                 allow_headers=["*"],
+                expose_headers=["Location", "ETag"],  # a WHIP client on another origin reads its session URL
                 allow_private_network=True,
             )
         )
