@@ -301,7 +301,7 @@ class PublishConfig(_Strict):
     """Streams that callers push in: a browser over WHIP, or JPEGs over the WebSocket."""
 
     max_streams: int = Field(default=4, ge=0, le=1000, description="published streams at once; 0: publishing off")
-    max_side: int = Field(default=1280, ge=56, le=4096, description="longer side kept; larger frames are downscaled")
+    max_side: int = Field(default=640, ge=56, le=4096, description="longer side kept; larger frames are downscaled")
     sample_fps: float = Field(default=2.0, gt=0, le=60, description="frames kept per second of a published stream")
     idle_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="hang up a publisher silent this long")
     stall_timeout_s: float = Field(default=5.0, gt=0, le=300, description="a published stream is down after this")
