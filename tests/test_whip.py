@@ -78,9 +78,11 @@ def fds() -> int:
 
 
 def threads() -> list[str]:
-    """This process's threads (/proc/self/task), less the event loops' default executors:
-    pools of at most a few threads, grown on demand and kept for the loop's life."""
-    names = [t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")]
+    """This process's threads (/proc/self/task), less the shared pools that grow on demand up
+    to a bound and are kept for the server's life, whatever the calls: the event loops'
+    default executors and AnyIO's workers (Starlette reads the pages' files on them)."""
+    pooled = ("asyncio_", "AnyIO worker thread")
+    names = [t.name for t in threading.enumerate() if not t.name.startswith(pooled)]
     assert len(os.listdir("/proc/self/task")) >= len(names)
     return names
 
