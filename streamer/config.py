@@ -289,6 +289,28 @@ class ModelConfig(_Strict):
         return self.id in TINY_MODEL_IDS
 
 
+class IceServer(_Strict):
+    """A STUN or TURN server (as in the browser's ``RTCIceServer``)."""
+
+    urls: list[str] = Field(min_length=1, description="stun:host:port or turn:host:port?transport=udp|tcp")
+    username: str | None = None
+    credential: SecretStr | None = None
+
+
+class PublishConfig(_Strict):
+    """Streams that callers push in: a browser over WHIP, or JPEGs over the WebSocket."""
+
+    max_streams: int = Field(default=4, ge=0, le=1000, description="published streams at once; 0: publishing off")
+    max_side: int = Field(default=640, ge=56, le=4096, description="longer side kept; larger frames are downscaled")
+    sample_fps: float = Field(default=2.0, gt=0, le=60, description="frames kept per second of a published stream")
+    idle_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="hang up a publisher silent this long")
+    stall_timeout_s: float = Field(default=5.0, gt=0, le=300, description="a published stream is down after this")
+    max_frame_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest JPEG frame")
+    ice_servers: list[IceServer] = Field(
+        default_factory=list, description="WHIP: STUN/TURN servers for the server's side; none: host candidates only"
+    )
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
@@ -322,6 +344,7 @@ class ServerConfig(_Strict):
     dashboard_dir: Path | None = Field(
         default=None, description="browser dashboard files; None: the dashboard shipped in the package"
     )
+    publish: PublishConfig = Field(default_factory=PublishConfig)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

@@ -132,6 +132,27 @@ class Client:
             raise ServerError(first)
         return first
 
+    async def publish(self, stream: str, fps: float | None = None) -> dict[str, Any]:
+        """Publish a stream from this connection (extension): returns the ``publishing`` reply
+        (its limits: ``max_side``, ``max_frame_bytes``); raises :class:`ServerError` on an
+        ``error``. Then send JPEG frames with :meth:`send_frame`."""
+        await self.send({"type": "publish", "stream": stream, **({"fps": fps} if fps else {})})
+        skipped = []
+        try:
+            while True:
+                m = await self.recv()
+                if m["type"] == "publishing" and m.get("stream") == stream:
+                    return m
+                if m["type"] == "error" and m.get("id") is None:
+                    raise ServerError(m)
+                skipped.append(m)
+        finally:
+            self.pending = skipped + self.pending
+
+    async def send_frame(self, jpeg: bytes) -> None:
+        """One JPEG frame of the stream this connection publishes."""
+        await self.ws.send(jpeg)
+
     async def send_ask(self, stream: str, question: str, *, id: str | None = None, **options: Any) -> str:
         """Send an ``ask`` (``options``: ``frames``, ``max_new_tokens``, ``mode``); returns its id."""
         qid = id or uuid.uuid4().hex[:12]

@@ -175,8 +175,16 @@ function selectStream(id) {
 }
 
 function onStreamStatus(msg) {
+  // Published streams (calls) come and go while connected: learn them, and forget removed ones.
+  if (msg.status === "down" && msg.error === "removed") {
+    if (state.streams.delete(msg.stream) && state.selected === msg.stream) {
+      state.selected = null;
+      selectStream(state.streams.keys().next().value);
+    }
+    return renderStreams();
+  }
+  if (!state.streams.has(msg.stream)) state.streams.set(msg.stream, { id: msg.stream, name: msg.stream });
   const s = state.streams.get(msg.stream);
-  if (!s) return;
   Object.assign(s, { status: msg.status, fps_in: msg.fps_in, fps_sampled: msg.fps_sampled, error: msg.error || null });
   renderStreams();
 }

@@ -14,13 +14,14 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -29,9 +30,11 @@ from streamer.server import protocol, v1
 from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
+from streamer.server.publishing import Publishers
 from streamer.server.runtime import Runtime
-from streamer.server.security import access_middleware, startup_warnings
+from streamer.server.security import access_middleware, bearer_token_ok, startup_warnings
 from streamer.server.state import ServerState
+from streamer.server.whip import Whip
 from streamer.service import Answered, Failed, Subscription
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,10 @@ class DashboardFiles(StaticFiles):
 
 
 def create_app(runtime: Runtime) -> Starlette:
-    state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of))
+    state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of), Publishers(runtime))
     service = runtime.service
+    state.publishers.on_open = state.announce
+    whip = Whip(state.publishers, partial(bearer_token_ok, runtime.settings.server))
 
     async def healthz(request: Request) -> JSONResponse:
         status = "ok" if service.serving else ("shutting_down" if service.shutting_down else "starting")
@@ -73,7 +78,10 @@ def create_app(runtime: Runtime) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         counting = _count_outcomes(state, asyncio.get_running_loop())
+        state.publishers.start()
         yield
+        await whip.stop()
+        await state.publishers.stop()
         counting.close()
         runtime.stop()
 
@@ -82,8 +90,15 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/metrics", metrics),
         WebSocketRoute("/ws", websocket_endpoint),
         *v1.routes(state),  # the OpenAI-compatible endpoint
+        *whip.routes(),  # WebRTC ingest (WHIP)
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
+    if (dashboard / "call.html").is_file():  # the customer's side of a video call: /call?stream=NAME
+
+        async def call_page(request: Request) -> Response:
+            return FileResponse(dashboard / "call.html")
+
+        routes.append(Route("/call", call_page))
     if dashboard.is_dir():
         routes.append(Mount("/", DashboardFiles(directory=dashboard, html=True), name="dashboard"))
     else:
@@ -162,7 +177,10 @@ def make_server(runtime: Runtime, on_listening: Callable[[str, int], None] | Non
         host=server_cfg.host,
         port=server_cfg.port,
         ws="websockets-sansio",
-        ws_max_size=server_cfg.max_message_bytes,
+        # Published JPEG frames are larger than messages (Connection holds text to max_message_bytes).
+        # Up to twice max_frame_bytes a frame is refused with an error and the publisher goes on;
+        # beyond, the WebSocket closes with 1009 (message too big).
+        ws_max_size=max(server_cfg.max_message_bytes, 2 * server_cfg.publish.max_frame_bytes),
         ws_ping_interval=server_cfg.ping_interval_s,
         ws_ping_timeout=server_cfg.ping_timeout_s,
         ssl_certfile=str(server_cfg.tls_cert) if server_cfg.tls_cert else None,

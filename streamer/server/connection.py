@@ -10,7 +10,6 @@ Runs on the event loop; the session's events are handed over with ``call_soon_th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import time
@@ -20,11 +19,24 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from streamer.server import protocol
 from streamer.server.outbox import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER, Outbox
 from streamer.server.previews import PreviewKey
-from streamer.server.protocol import Ask, Cancel, Hello, ProtocolError, Subscribe, parse_client_message
+from streamer.server.protocol import (
+    Ask,
+    Cancel,
+    Hello,
+    ProtocolError,
+    Publish,
+    Subscribe,
+    Unpublish,
+    parse_client_message,
+)
+from streamer.server.publishing import Publication, PublishError
+from streamer.server.security import bearer_token_ok, token_valid
 from streamer.server.state import ServerState
 from streamer.service import CutOff, Session
 
 log = logging.getLogger(__name__)
+
+CLOSE_MESSAGE_TOO_BIG = 1009
 
 AUTH_TIMEOUT_S = 5.0
 _connection_ids = itertools.count(1)
@@ -68,6 +80,7 @@ class Connection:
         )
         self._rate = RateLimit(self.limits.asks_per_minute)
         self.session: Session | None = None
+        self.publication: Publication | None = None  # extension: this socket publishes a stream
 
     # -- what the server and the preview feeds call --------------------------------------
 
@@ -82,6 +95,11 @@ class Connection:
 
     def abort(self) -> None:
         self.outbox.abort()
+
+    def follow(self, stream: str) -> None:
+        """Hear ``stream``'s status changes (a published stream: see ServerState.announce)."""
+        if self.session is not None:
+            self.session.events.follow(stream)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -108,6 +126,8 @@ class Connection:
             maxsize=self.limits.outbox_messages,
             wake=self._wake,
         )
+        for published in list(self.state.publishers.active):
+            self.follow(published)
         try:
             if await self._authenticate():
                 await self._receive_loop(self.session)
@@ -117,6 +137,8 @@ class Connection:
             self.state.connections.discard(self)
             metrics.connections.dec()
             self.state.previews.leave_all(self)
+            if self.publication is not None:
+                self.state.publishers.close(self.publication, "socket closed")
             self.session.close()
             self.outbox.close(CLOSE_GOING_AWAY)
             await self.outbox.drained(2.0)
@@ -146,21 +168,11 @@ class Connection:
 
     # -- authentication ------------------------------------------------------------------
 
-    def _token_ok(self, token: str | None) -> bool:
-        if token is None:
-            return False
-        given = token.encode()
-        # Compare against every token, so timing says nothing about which one nearly matched.
-        results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in self.limits.tokens]
-        return any(results)
-
     async def _authenticate(self) -> bool:
         if not self.limits.tokens:
             self._welcome()
             return True
-        header = self.ws.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and self._token_ok(value.strip()):
+        if bearer_token_ok(self.limits, self.ws.headers.get("authorization")):
             self._welcome()
             return True
         try:
@@ -173,7 +185,7 @@ class Connection:
             msg = parse_client_message(first.get("text") or first.get("bytes") or b"")
         except ProtocolError:
             msg = None
-        if isinstance(msg, Hello) and self._token_ok(msg.token):
+        if isinstance(msg, Hello) and token_valid(self.limits, msg.token):
             self._welcome()
             return True
         return self._refuse("authentication required: a valid token in 'Authorization: Bearer' or a first 'hello'")
@@ -198,8 +210,11 @@ class Connection:
             if event["type"] == "websocket.disconnect":
                 return
             if event.get("text") is None:
-                self.outbox.put(protocol.error_message("bad_request", "binary frames are not accepted from clients"))
+                await self._published_frame(event.get("bytes") or b"")
                 continue
+            if len(event["text"].encode()) > self.limits.max_message_bytes:  # the socket takes larger frames
+                self.outbox.close(CLOSE_MESSAGE_TOO_BIG, "message too big")  # as the WebSocket itself would
+                return
             try:
                 msg = parse_client_message(event["text"])
             except ProtocolError as err:
@@ -207,7 +222,9 @@ class Connection:
                 continue
             self._handle(msg, session)
 
-    def _handle(self, msg: Hello | Ask | Cancel | protocol.Watch | Subscribe, session: Session) -> None:
+    def _handle(
+        self, msg: Hello | Ask | Cancel | protocol.Watch | Subscribe | Publish | Unpublish, session: Session
+    ) -> None:
         match msg:
             case Hello():
                 self._welcome()
@@ -222,6 +239,55 @@ class Connection:
                     )
             case Subscribe():
                 self._subscribe(msg, session)
+            case Publish():
+                self._publish(msg)
+            case Unpublish():
+                if self.publication is None:
+                    self.outbox.put(protocol.error_message("bad_request", "this connection publishes no stream"))
+                else:
+                    self._end_publication("unpublished")
+
+    # -- publishing (extension) ------------------------------------------------------------
+
+    def _publish(self, msg: Publish) -> None:
+        if self.publication is not None:
+            why = f"this connection publishes {self.publication.name!r} already; 'unpublish' first"
+            self.outbox.put(protocol.error_message("bad_request", why))
+            return
+        publishers = self.state.publishers
+        try:
+            self.publication = publishers.open(msg.stream, "websocket", self._publication_hung_up, msg.fps)
+        except PublishError as err:
+            self.outbox.put(protocol.error_message(err.code, err.message))
+            return
+        cfg = publishers.cfg
+        self.outbox.put(
+            protocol.publishing(msg.stream, "open", max_side=cfg.max_side, max_frame_bytes=cfg.max_frame_bytes)
+        )
+
+    def _publication_hung_up(self, reason: str) -> None:  # by the server: idle, shutdown
+        if self.publication is not None:
+            self.outbox.put(protocol.publishing(self.publication.name, "closed", reason))
+            self.publication = None
+
+    def _end_publication(self, reason: str) -> None:
+        assert self.publication is not None
+        publication, self.publication = self.publication, None
+        self.state.publishers.close(publication, reason)
+        self.outbox.put(protocol.publishing(publication.name, "closed", reason))
+
+    async def _published_frame(self, data: bytes) -> None:
+        if self.publication is None:
+            why = "binary frames are accepted from clients only after a 'publish' (then: JPEG frames)"
+            self.outbox.put(protocol.error_message("bad_request", why))
+            return
+        try:
+            rgb = await self.state.publishers.decode_jpeg(data)
+        except PublishError as err:
+            self.outbox.put(protocol.error_message(err.code, err.message))
+            return
+        if self.publication is not None:  # not ended while decoding
+            self.publication.push(rgb)
 
     def _subscribe(self, msg: Subscribe, session: Session) -> None:
         stream = self.runtime.captures.get(msg.stream)

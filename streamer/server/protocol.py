@@ -104,9 +104,23 @@ class Subscribe(_ClientMessage):
     max_width: Annotated[int, Field(ge=16, le=4096)] | None = None
 
 
-ClientMessage = Annotated[Hello | Ask | Cancel | Watch | Subscribe, Field(discriminator="type")]
+class Publish(_ClientMessage):
+    """Extension: the binary frames that follow are this stream's JPEG frames."""
+
+    type: Literal["publish"]
+    stream: StreamId
+    fps: Annotated[float, Field(gt=0, le=60)] | None = None
+
+
+class Unpublish(_ClientMessage):
+    """Extension: end this connection's publication (closing the socket does too)."""
+
+    type: Literal["unpublish"]
+
+
+ClientMessage = Annotated[Hello | Ask | Cancel | Watch | Subscribe | Publish | Unpublish, Field(discriminator="type")]
 _client_message = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("hello", "ask", "cancel", "watch", "subscribe")
+CLIENT_TYPES = ("hello", "ask", "cancel", "watch", "subscribe", "publish", "unpublish")
 
 
 def _describe(err: ValidationError, msg_type: str) -> str:
@@ -121,7 +135,7 @@ def _describe(err: ValidationError, msg_type: str) -> str:
     return f"invalid {msg_type}: " + "; ".join(parts)
 
 
-def parse_client_message(raw: str | bytes) -> Hello | Ask | Cancel | Watch | Subscribe:
+def parse_client_message(raw: str | bytes) -> Hello | Ask | Cancel | Watch | Subscribe | Publish | Unpublish:
     """Parse one text frame; raises :class:`ProtocolError` (``bad_request``) when it is not
     a valid client message. The error carries the message's ``id`` when it has one."""
     try:
@@ -207,6 +221,13 @@ def stream_status(st: StreamStatus) -> dict[str, Any]:
 def preview_header(stream: str, seq: int, ts: float, width: int, height: int, size: int) -> dict[str, Any]:
     """A ``preview``: the next binary frame is a JPEG of ``size`` bytes."""
     return {"type": "preview", "stream": stream, "seq": seq, "ts": ts, "width": width, "height": height, "bytes": size}
+
+
+def publishing(
+    stream: str, state: Literal["open", "closed"], reason: str | None = None, **limits: Any
+) -> dict[str, Any]:
+    """Extension: a ``publish`` was accepted (``open``, with the limits) or it ended (``closed``)."""
+    return {"type": "publishing", "stream": stream, "state": state, "reason": reason, **limits}
 
 
 def event_message(event: Event) -> dict[str, Any]:

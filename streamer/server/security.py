@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -135,23 +134,29 @@ def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> l
                 allow_origins=cfg.allowed_origins,
                 allow_methods=["*"],
                 allow_headers=["*"],
+                expose_headers=["Location", "ETag"],  # a WHIP client on another origin reads its session URL
                 allow_private_network=True,
             )
         )
     return middleware
 
 
-def bearer_token_ok(tokens: Sequence[SecretStr], authorization: str | None) -> bool:
-    """Whether an ``Authorization: Bearer <token>`` header carries one of ``tokens`` (no
-    tokens: every request may pass). Compared with each token in constant time, so timing
-    says nothing about which one nearly matched."""
-    if not tokens:
+def token_valid(cfg: ServerConfig, token: str | None) -> bool:
+    """Whether ``token`` is one of the server's tokens (constant time: compared with each)."""
+    if token is None:
+        return False
+    given = token.encode()
+    # Compare against every token, so timing says nothing about which one nearly matched.
+    results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in cfg.tokens]
+    return any(results)
+
+
+def bearer_token_ok(cfg: ServerConfig, authorization: str | None) -> bool:
+    """Whether a request may proceed: no tokens are set, or it carries ``Bearer <a token>``."""
+    if not cfg.tokens:
         return True
     scheme, _, value = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    given = value.strip().encode()
-    return any([hmac.compare_digest(given, t.get_secret_value().encode()) for t in tokens])
+    return scheme.lower() == "bearer" and token_valid(cfg, value.strip())
 
 
 def startup_warnings(cfg: ServerConfig) -> list[str]:

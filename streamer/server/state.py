@@ -11,6 +11,7 @@ from typing import Protocol
 from streamer.server.metrics import Metrics
 from streamer.server.outbox import CLOSE_GOING_AWAY
 from streamer.server.previews import PreviewHub
+from streamer.server.publishing import Publishers
 from streamer.server.runtime import Runtime
 
 
@@ -18,6 +19,7 @@ class OpenConnection(Protocol):
     def close(self, code: int, reason: str = "") -> None: ...
     async def drained(self, timeout: float) -> None: ...
     def abort(self) -> None: ...
+    def follow(self, stream: str) -> None: ...
 
 
 @dataclass
@@ -25,7 +27,14 @@ class ServerState:
     runtime: Runtime
     metrics: Metrics
     previews: PreviewHub
+    publishers: Publishers
     connections: set[OpenConnection] = field(default_factory=set)
+
+    def announce(self, stream: str) -> None:
+        """A stream was published: every client hears its ``stream_status`` from now on,
+        subscribed to it or not, so that lists of streams learn it came and went."""
+        for conn in list(self.connections):
+            conn.follow(stream)
 
     async def drain(self, deadline_s: float) -> None:
         """Graceful stop: no new questions; the running answer may finish within the

@@ -264,7 +264,7 @@ def routes(state: ServerState) -> list[BaseRoute]:
         return JSONResponse(err.body(), status_code=err.status)
 
     def authorized(request: Request) -> bool:
-        if bearer_token_ok(limits.tokens, request.headers.get("authorization")):
+        if bearer_token_ok(limits, request.headers.get("authorization")):
             return True
         state.metrics.refused.labels("unauthorized").inc()
         return False
