@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from streamer.server import protocol
+from streamer.server.api import MonitorCollector, api_routes
 from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
@@ -54,6 +55,7 @@ class DashboardFiles(StaticFiles):
 
 def create_app(runtime: Runtime) -> Starlette:
     state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of))
+    state.metrics.registry.register(MonitorCollector(runtime))
     service = runtime.service
 
     async def healthz(request: Request) -> JSONResponse:
@@ -81,6 +83,7 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         WebSocketRoute("/ws", websocket_endpoint),
+        *api_routes(runtime),
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
     if dashboard.is_dir():
