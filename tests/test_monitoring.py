@@ -29,8 +29,10 @@ import yaml
 
 from streamer.capture.ring import RingBuffer, motion_between
 from streamer.config import ConfigError, parse_settings
-from streamer.inference.questions import AlertIf
-from streamer.service.rules import in_hours
+from streamer.inference.policy import Policy
+from streamer.inference.questions import AlertIf, Answer, FrameSpan, StreamFeed, Watch
+from streamer.service import Alerted, Answered, AskRequest, AskService, EventHub
+from streamer.service.rules import RuleRunner, RuleState, in_hours
 from streamer.service.storage import EventRecord, EventStore, new_event_id
 from tests.conftest import ServerProcess, start_server, stop_server
 from tests.system import MOSQUITTO, require
@@ -158,6 +160,84 @@ def test_yaml_yes_key_and_duplicate_rule_names() -> None:
     rule = {"name": "r", "stream": "cam", "question": "?", "every_s": 5}
     with pytest.raises(ConfigError, match="repeated: r"):
         parse_settings({"sources": [{"name": "cam", "url": "demo"}], "rules": [rule, rule]})
+
+
+def _runner(tmp_path: Path, rule: dict[str, Any], **options: Any) -> tuple[RuleRunner, RuleState, RingBuffer]:
+    settings = parse_settings(
+        {"sources": [{"name": "cam", "url": "push", "context": "A loading bay seen from above."}], "rules": [rule]}
+    )
+    ring = RingBuffer(16)
+    service = AskService(settings, EventHub())
+    store = EventStore(tmp_path, max_age_days=1, max_count=1000)
+    runner = RuleRunner(service, store, rings=lambda name: ring, encode=lambda f: b"jpeg", **options)
+    runner.session = service.session("rules", max_open=10)
+    state = RuleState(settings.rules[0], "config")
+    runner.rules[state.cfg.name] = state
+    return runner, state, ring
+
+
+RULE = {"name": "r", "stream": "cam", "question": "Truck?", "every_s": 1}
+
+
+def test_motion_gate_skips_rounds_of_a_still_camera(tmp_path: Path) -> None:
+    """when: motion runs the first round, skips rounds while the picture is still, runs again once it changes."""
+    runner, state, ring = _runner(tmp_path, {**RULE, "when": "motion", "motion_threshold": 0.05})
+    still = np.full((32, 32, 3), 80, np.uint8)
+    ring.push(still.copy())
+    assert runner._gate(state) is None  # the first round has nothing to compare with
+    ring.push(still.copy())
+    assert runner._gate(state) == "no_motion"
+    assert runner._gate(state) == "no_motion"  # no new frame at all
+    ring.push(np.full((32, 32, 3), 200, np.uint8))
+    ring.push(np.full((32, 32, 3), 200, np.uint8))  # still again, but a change came since the last round
+    assert runner._gate(state) is None
+    assert state.gated == {"no_motion": 2}
+
+
+def test_active_hours_gate(tmp_path: Path) -> None:
+    """Outside its active hours a rule's rounds are skipped and counted as inactive."""
+    now = [dt.datetime(2026, 1, 1, 3, 0)]
+    runner, state, _ = _runner(tmp_path, {**RULE, "active": "08:00-18:00"}, clock=lambda: now[0])
+    assert runner._gate(state) == "inactive"
+    now[0] = dt.datetime(2026, 1, 1, 9, 0)
+    assert runner._gate(state) is None
+    assert state.gated == {"inactive": 1}
+
+
+def test_a_gated_round_costs_no_model_time_and_keeps_the_grid() -> None:
+    """A round the watch's gate refuses is not queued; the next one still falls on the every_s grid."""
+    ring = RingBuffer(4)
+    ring.push(np.zeros((4, 4, 3), np.uint8))
+    policy = Policy({"a": StreamFeed(ring, 2.0)}, queue_size=4)
+    answers = iter(["no_motion", None])
+    watch = Watch(id="w", stream="a", text="?", owner="o", sink=None, every_s=2.0, frames=2, max_new_tokens=1,  # type: ignore[arg-type]
+                  gate=lambda: next(answers))  # fmt: skip
+    policy.admit_watch(watch, now=0.0)
+    assert policy.enqueue_due_rounds(now=0.0) == 2.0 and not policy.queue
+    assert policy.enqueue_due_rounds(now=2.5) == 1.5 and len(policy.queue) == 1
+    assert (policy.watches[0].gated, policy.watches[0].rounds) == (1, 1)
+
+
+def test_cooldown_keeps_one_alert_per_window_and_every_round_is_stored(tmp_path: Path) -> None:
+    """Every round is stored; a second alert within cooldown_s is not."""
+    runner, state, ring = _runner(tmp_path, {**RULE, "cooldown_s": 3600, "alert_if": {"yes": True}})
+    frame = ring.push(np.zeros((8, 8, 3), np.uint8))
+    answer = Answer("Yes.", FrameSpan.of([frame]), 1.0, 2.0, 3.0, matched="yes")
+    for _ in range(3):
+        runner._handle(Answered(runner.session, "r", "cam", answer, watch=True))
+        runner._handle(Alerted(runner.session, "r", "cam", "Yes.", answer.frames, "yes"))
+    rounds, _ = runner.store.page(kind="round")
+    alerts, _ = runner.store.page(kind="alert")
+    assert (len(rounds), len(alerts), state.suppressed) == (3, 1, 2)
+    assert alerts[0]["matched"] == "yes" and alerts[0]["frames"]["last_seq"] == frame.seq
+    assert runner.store.thumbnail(alerts[0]["id"]) == b"jpeg"
+
+
+def test_a_source_context_goes_before_every_question() -> None:
+    """A source's context is put before the question in every prompt about that stream."""
+    settings = parse_settings({"sources": [{"name": "cam", "url": "push", "context": "A shop floor."}]})
+    service = AskService(settings, EventHub())
+    assert service.prompt(AskRequest("q", "cam", "Anyone there?")) == "A shop floor.\nAnyone there?"
 
 
 # -- real servers, a real broker, a real receiver ------------------------------------------
