@@ -34,7 +34,7 @@ from streamer.inference.questions import AlertIf, Answer, FrameSpan, StreamFeed,
 from streamer.service import Alerted, Answered, AskRequest, AskService, EventHub
 from streamer.service.rules import RuleRunner, RuleState, in_hours
 from streamer.service.storage import EventRecord, EventStore, new_event_id
-from tests.conftest import ServerProcess, start_server, stop_server
+from tests.conftest import ROOT, ServerProcess, start_server, stop_server
 from tests.system import MOSQUITTO, require
 from tests.wsclient import ProtocolClient
 
@@ -538,3 +538,62 @@ async def test_unreachable_outlets_never_delay_asks(tiny_model: Path, tmp_path: 
         stop_server(server)
         hole.close()
     assert os.path.exists(tmp_path / "data" / "events.db")
+
+
+@pytest.mark.slow
+def test_dashboard_rules_view_and_alert_timeline(tiny_model: Path, tmp_path: Path) -> None:
+    """In real Chromium the dashboard lists the rules, adds and deletes one, and shows stored alerts with
+    thumbnails, paging back through older ones."""
+    require("browser")
+    from playwright.sync_api import sync_playwright
+
+    from tests.system import CHROMIUM
+
+    config = write_config(tmp_path, webhook=None, mqtt_port=None)
+    settings = yaml.safe_load(config.read_text())
+    settings["server"]["dashboard_dir"] = str(ROOT / "clients" / "web")  # this checkout's, whatever is installed
+    config.write_text(yaml.safe_dump(settings))
+    server = serve(config, tmp_path / "server.log")
+    try:
+        wait_for(lambda: len(stored_alert_ids(server)) > 22, 120, "more than a page of alerts")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            console: list[str] = []
+            page.on("console", lambda m: console.append(m.text))
+            page.on("pageerror", lambda e: console.append(str(e)))
+            page.goto(server.http + "/")
+            page.fill("#token-input", TOKEN)
+            page.press("#token-input", "Enter")
+            page.wait_for_selector("#rules li:has-text('always')", timeout=30_000)
+            assert "(config file)" in page.inner_text("#rules li")
+            page.wait_for_function("document.querySelectorAll('#timeline li').length >= 20", timeout=30_000)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#timeline img')].some(i => i.complete && i.naturalWidth > 0)",
+                timeout=30_000,
+            )
+            shown = page.locator("#timeline li").count()
+            page.click("#timeline-older")
+            page.wait_for_function(f"document.querySelectorAll('#timeline li').length > {shown}", timeout=30_000)
+            ids = page.eval_on_selector_all("#timeline li", "els => els.map(e => e.dataset.id)")
+            assert len(ids) == len(set(ids)), "no alert shown twice"
+            page.fill("#rule-name", "door")
+            page.fill("#rule-stream", "bay")
+            page.fill("#rule-question", "Is the door open?")
+            page.click("#rule-form button[type=submit]")
+            page.wait_for_selector("#rules li:has-text('door')", timeout=30_000)
+            page.click("#rules li:has-text('door') button")
+            page.wait_for_function(
+                "![...document.querySelectorAll('#rules li')].some(li => li.textContent.startsWith('door'))",
+                timeout=30_000,
+            )
+            page.fill("#rule-name", "bad")
+            page.fill("#rule-stream", "nope")
+            page.fill("#rule-question", "?")
+            page.click("#rule-form button[type=submit]")
+            page.wait_for_selector("#rule-status.error", timeout=30_000)
+            assert "stream" in page.inner_text("#rule-status")
+            assert not [c for c in console if "rror" in c and "401" not in c], console
+            browser.close()
+    finally:
+        stop_server(server)
