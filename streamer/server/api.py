@@ -12,7 +12,6 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from streamer.server.runtime import Runtime
+from streamer.server.security import bearer_token, token_ok
 from streamer.service.rules import RuleError, RuleRunner
 from streamer.service.storage import EVENT_KINDS
 
@@ -39,13 +39,7 @@ def bearer_ok(runtime: Runtime, request: Request) -> bool:
     """No tokens configured, or ``Authorization: Bearer`` carries one of them (compared in
     constant time against every token)."""
     tokens = runtime.settings.server.tokens
-    if not tokens:
-        return True
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return False
-    given = value.strip().encode()
-    return any([hmac.compare_digest(given, t.get_secret_value().encode()) for t in tokens])
+    return not tokens or token_ok(tokens, bearer_token(request.headers.get("authorization")))
 
 
 def api_routes(runtime: Runtime) -> list[BaseRoute]:

@@ -10,7 +10,6 @@ Runs on the event loop; the session's events are handed over with ``call_soon_th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import time
@@ -21,6 +20,7 @@ from streamer.server import protocol
 from streamer.server.outbox import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER, Outbox
 from streamer.server.previews import PreviewKey
 from streamer.server.protocol import Ask, Cancel, Hello, ProtocolError, Subscribe, parse_client_message
+from streamer.server.security import bearer_token, token_ok
 from streamer.server.state import ServerState
 from streamer.service import CutOff, Session
 
@@ -147,20 +147,13 @@ class Connection:
     # -- authentication ------------------------------------------------------------------
 
     def _token_ok(self, token: str | None) -> bool:
-        if token is None:
-            return False
-        given = token.encode()
-        # Compare against every token, so timing says nothing about which one nearly matched.
-        results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in self.limits.tokens]
-        return any(results)
+        return token_ok(self.limits.tokens, token)
 
     async def _authenticate(self) -> bool:
         if not self.limits.tokens:
             self._welcome()
             return True
-        header = self.ws.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and self._token_ok(value.strip()):
+        if self._token_ok(bearer_token(self.ws.headers.get("authorization"))):
             self._welcome()
             return True
         try:

@@ -29,10 +29,12 @@ Behind a reverse proxy the server sees the proxy's ``Host`` and scheme as it for
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -119,6 +121,21 @@ class AccessControl:
         self.on_refused(reason)
         # Starlette sends a response on a WebSocket scope as the handshake's HTTP answer.
         await PlainTextResponse(message + "\n", status_code=403)(scope, receive, send)
+
+
+def token_ok(tokens: Sequence[SecretStr], given: str | None) -> bool:
+    """``given`` is one of ``tokens``. Compared against every token in constant time, so
+    timing says nothing about which one nearly matched."""
+    if not given:
+        return False
+    results = [hmac.compare_digest(given.encode(), t.get_secret_value().encode()) for t in tokens]
+    return any(results)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    scheme, _, value = (authorization or "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
 
 
 def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> list[Middleware]:
