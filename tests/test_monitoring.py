@@ -597,3 +597,41 @@ def test_dashboard_rules_view_and_alert_timeline(tiny_model: Path, tmp_path: Pat
             browser.close()
     finally:
         stop_server(server)
+
+
+def test_mqtt_outlet_reconnects_after_the_broker_goes_away(tmp_path: Path) -> None:
+    """The MQTT outlet reconnects by itself when the broker restarts, says online again, and publishes."""
+    require("mqtt")
+    from streamer.config import MqttConfig
+    from streamer.service.outlets import MqttOutlet
+
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+
+    def broker() -> subprocess.Popen:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _connects(port), 20, "mosquitto to listen")
+        return proc
+
+    first = broker()
+    outlet = MqttOutlet(MqttConfig(url=f"mqtt://127.0.0.1:{port}", backoff_max_s=2))
+    outlet.start()
+    try:
+        wait_for(lambda: outlet.connected, 20, "the outlet to connect")
+        first.terminate()
+        first.wait(10)
+        wait_for(lambda: not outlet.connected, 20, "the outlet to notice the broker left")
+        second = broker()
+        try:
+            subscriber = Subscriber(port)
+            wait_for(lambda: outlet.connected, 30, "the outlet to reconnect")
+            wait_for(lambda: subscriber.on("streamer/availability") == [b"online"], 20, "online again")
+            outlet.offer(_record("alert", stream="bay"))
+            wait_for(lambda: subscriber.on("streamer/bay/alert"), 20, "the alert after reconnecting")
+            subscriber.close()
+        finally:
+            second.terminate()
+            second.wait(10)
+    finally:
+        outlet.stop()
