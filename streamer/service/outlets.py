@@ -74,9 +74,11 @@ class WebhookOutlet:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the attempt in flight, waiting a second at most: an attempt cut short
+        stays pending in the store and is made again after a restart (at least once)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(self.cfg.timeout_s + 1)
+        self._thread.join(1.0)
 
     def targets(self, record: EventRecord) -> list[str]:
         return [self.target] if record.kind in self.cfg.kinds else []

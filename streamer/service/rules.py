@@ -18,8 +18,8 @@ outlets. Nothing here runs on the event loop or the inference thread but the gat
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -126,7 +126,6 @@ class RuleRunner:
             kinds=(Answered, Alerted, Failed, StreamChanged), maxsize=RECORDER_QUEUE, name="recorder"
         )
         self._thread = threading.Thread(target=self._record, name="recorder", daemon=True)
-        self._ids = itertools.count()
 
     # -- running -------------------------------------------------------------------------
 
@@ -213,7 +212,10 @@ class RuleRunner:
                 raise RuleError(409, "name", f"there is a rule named {rule.name!r} already")
             if len(self.rules) >= MAX_RULES:
                 raise RuleError(409, "name", f"there are {MAX_RULES} rules already")
-        self.store.save_rule(rule.name, rule.model_dump(mode="json", exclude_none=True))
+        try:
+            self.store.save_rule(rule.name, rule.model_dump(mode="json", exclude_none=True))
+        except sqlite3.IntegrityError:  # the same name posted twice at once
+            raise RuleError(409, "name", f"there is a rule named {rule.name!r} already") from None
         state = RuleState(rule, "api")
         self._start_rule(state)
         return state.public()
