@@ -55,6 +55,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="certificate: serve wss:// and https://")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument("--data-dir", metavar="DIR", help="where events.db is kept (default: STREAMER_DATA, else XDG)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -100,6 +101,7 @@ def settings_from_args(args: argparse.Namespace, base: dict[str, Any] | None) ->
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         log_json=args.log_json,
+        data_dir=args.data_dir,
         origin=origin,
     )
 
@@ -141,6 +143,12 @@ def run_server(settings: Settings) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     runtime.start_inference()
+    try:
+        runtime.start_monitoring()
+    except ValueError as err:
+        runtime.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     device = engine_device(engine)
 
     def on_listening(host: str, port: int) -> None:

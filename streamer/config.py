@@ -46,6 +46,17 @@ def cache_dir() -> Path:
     return Path(base) / "streamer"
 
 
+#: Where the server keeps what it stores (``events.db``): ``events.data_dir`` (``--data-dir``),
+#: else ``STREAMER_DATA``, else ``$XDG_DATA_HOME/streamer`` (``~/.local/share/streamer``).
+#: XDG by hand, as :func:`cache_dir` does: no dependency for two environment variables.
+def default_data_dir() -> Path:
+    env = os.environ.get("STREAMER_DATA")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "streamer"
+
+
 class ConfigError(ValueError):
     """A configuration could not be read or is invalid; the message says where and why."""
 
@@ -81,6 +92,11 @@ class SourceConfig(_Strict):
     width: int | None = Field(default=None, ge=16, description="demo and webcam: requested width")
     height: int | None = Field(default=None, ge=16, description="demo and webcam: requested height")
     fps: float | None = Field(default=None, gt=0, le=240, description="demo and webcam: requested frame rate")
+    context: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="a sentence about what the camera shows, put before every question about it",
+    )
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> SourceConfig:
@@ -391,10 +407,141 @@ class ServerConfig(_Strict):
         return tokens
 
 
+RULE_NAME_PATTERN = SOURCE_NAME_PATTERN
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+class AlertIfConfig(_Strict):
+    """When a rule's answer is an alert: exactly one of the three (see
+    :class:`streamer.inference.questions.AlertIf`, which applies it)."""
+
+    contains: str | None = Field(default=None, min_length=1, description="case-insensitive text in the answer")
+    regex: str | None = Field(default=None, min_length=1, description="Python regex searched in the answer")
+    yes: bool = Field(default=False, description="the answer starts with a yes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_yes_key(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare ``yes:`` key as the boolean True.
+        if isinstance(data, dict) and True in data:
+            data = {("yes" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, regex: str | None) -> str | None:
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"not a valid Python regex: {err}") from None
+        return regex
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AlertIfConfig:
+        if sum((self.contains is not None, self.regex is not None, self.yes)) != 1:
+            raise ValueError("give exactly one of contains, regex or yes: true")
+        return self
+
+
+class RuleConfig(_Strict):
+    """A standing question the server asks on its own, whether or not anyone is connected."""
+
+    name: str = Field(pattern=RULE_NAME_PATTERN, description="unique; the rule's id in events and the API")
+    stream: str = Field(min_length=1)
+    question: str = Field(min_length=1, max_length=4000)
+    every_s: float = Field(ge=1, le=86400, description="seconds between rounds")
+    frames: int | None = Field(default=None, ge=2, le=64, description="None: model.frames")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1024, description="None: model.max_new_tokens")
+    mode: Literal["video", "image"] | None = None
+    alert_if: AlertIfConfig | None = Field(default=None, description="None: rounds are recorded, never alerts")
+    cooldown_s: float = Field(default=0, ge=0, le=7 * 86400, description="no second alert of this rule within")
+    active: str | None = Field(
+        default=None, description="local hours HH:MM-HH:MM it runs in (may wrap midnight); None: always"
+    )
+    when: Literal["always", "motion"] = Field(default="always", description="motion: only rounds after a change")
+    motion_threshold: float = Field(
+        default=0.02, gt=0, le=1, description="when: motion: the frame-to-frame change (0-1) that counts as motion"
+    )
+
+    @field_validator("active")
+    @classmethod
+    def _hours(cls, active: str | None) -> str | None:
+        if active is not None and not _HOURS.match(active):
+            raise ValueError("write hours as HH:MM-HH:MM, e.g. 07:30-19:00")
+        return active
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(min_length=1, description="http(s) URL the events are POSTed to")
+    secret_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable with the HMAC secret"
+    )
+    kinds: list[Literal["alert", "round", "status"]] = Field(default_factory=lambda: ["alert"])
+    timeout_s: float = Field(default=5.0, gt=0, le=120, description="one attempt's limit")
+    retry_for_s: float = Field(default=3600.0, gt=0, le=7 * 86400, description="retry this long, then count it dead")
+    backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
+    backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+
+class MqttConfig(_Strict):
+    url: str = Field(description="mqtt://host:port (mqtts:// for TLS)")
+    topic_prefix: str = Field(default="streamer", pattern=r"^[^#+\x00]+$")
+    username: str | None = None
+    password_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls: bool = Field(default=False, description="TLS to the broker (also implied by mqtts://)")
+    client_id: str | None = Field(default=None, description="None: streamer-<prefix>")
+    backoff_max_s: float = Field(default=30.0, ge=1, le=3600, description="longest wait between reconnects")
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an mqtt:// or mqtts:// URL")
+        return url
+
+
+class EventsConfig(_Strict):
+    """Where events are stored and delivered."""
+
+    data_dir: Path | None = Field(default=None, description="events.db goes here; None: STREAMER_DATA or XDG")
+    max_age_days: float = Field(default=30, gt=0, le=36500, description="events older than this are deleted")
+    max_count: int = Field(default=100_000, ge=100, le=100_000_000, description="only the newest this many are kept")
+    thumbnail_width: int = Field(default=320, ge=32, le=1920)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    mqtt: MqttConfig | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.data_dir if self.data_dir is not None else default_data_dir()
+
+
 class Settings(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    rules: list[RuleConfig] = Field(default_factory=list)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+
+    @model_validator(mode="after")
+    def _rules_known(self) -> Settings:
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rules: names must be unique, repeated: {', '.join(dupes)}")
+        for rule in self.rules:
+            if self.source(rule.stream) is None:
+                raise ValueError(f"rules: {rule.name!r} watches stream {rule.stream!r}, which is not in sources")
+        return self
 
     @field_validator("sources")
     @classmethod
@@ -466,6 +613,7 @@ def apply_overrides(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     log_json: bool | None = None,
+    data_dir: str | None = None,
     origin: str = "config",
 ) -> Settings:
     """Apply command-line flags on top of a config mapping and validate the result.
@@ -511,4 +659,6 @@ def apply_overrides(
         server["log_json"] = True
     if server:
         merged["server"] = server
+    if data_dir is not None:
+        merged["events"] = {**(merged.get("events") or {}), "data_dir": data_dir}
     return parse_settings(merged, origin=origin)

@@ -41,6 +41,8 @@ def streamer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder private to this test run, so every run builds the tiny model afresh."""
     cache = tmp_path_factory.mktemp("streamer-cache")
     os.environ["STREAMER_CACHE"] = str(cache)
+    # Servers store events (events.db): in this run's folder, never the user's data dir.
+    os.environ.setdefault("STREAMER_DATA", str(tmp_path_factory.mktemp("streamer-data")))
     return cache
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 SYSTEM_PYTHON = "/usr/bin/python3"
+MOSQUITTO = "/usr/sbin/mosquitto"
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -37,6 +38,7 @@ GROUPS = {
         "gstreamer1.0-plugins-ugly python3-gi",
     ),
     "browser": Group("browser", "browser tests (tests/test_dashboard.py)", "apt-get install chromium"),
+    "mqtt": Group("mqtt", "MQTT delivery tests (tests/test_monitoring.py)", "apt-get install mosquitto"),
     "vllm": Group(
         "vllm",
         "remote-engine tests against a real vLLM (tests/test_remote_vllm.py)",
@@ -81,10 +83,21 @@ def _vllm_missing() -> str | None:
     return None
 
 
+def _mosquitto_missing() -> str | None:
+    if not Path(MOSQUITTO).exists():
+        return f"Debian's mosquitto broker is not installed ({MOSQUITTO})"
+    return None
+
+
 @functools.cache
 def missing(group: str) -> str | None:
     """Why ``group`` cannot run here, or None when everything it needs is installed."""
-    return {"rtsp": _gstreamer_rtsp_missing, "browser": _chromium_missing, "vllm": _vllm_missing}[group]()
+    return {
+        "rtsp": _gstreamer_rtsp_missing,
+        "browser": _chromium_missing,
+        "vllm": _vllm_missing,
+        "mqtt": _mosquitto_missing,
+    }[group]()
 
 
 def require(group: str) -> None:
@@ -106,5 +119,6 @@ def report_header() -> list[str]:
         if reason is not None:
             lines.append(f"SKIPPING {group.tests}: {reason}. Install: {group.install}")
     if not lines:
-        return ["system packages: all present (RTSP server, chromium, vLLM); nothing will be skipped for lack of them"]
+        present = "RTSP server, chromium, vLLM, mosquitto"
+        return [f"system packages: all present ({present}); nothing will be skipped for lack of them"]
     return lines

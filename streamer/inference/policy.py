@@ -15,7 +15,8 @@ Guarantees:
 - a new ask from an owner about a stream supersedes that owner's asks about that stream
   that have not started yet;
 - a watch has at most one round waiting or running: a round that falls due meanwhile is
-  skipped and counted, and rounds keep to the ``every_s`` grid;
+  skipped and counted, and rounds keep to the ``every_s`` grid; a round its ``gate``
+  refuses is skipped too (the gate counts why);
 - a batch is the next question plus, up to ``max_batch``, the waiting questions about the
   same window (stream, mode and frame count), in the order they would have been served;
 - :meth:`Policy.finish` says yes once per job, so each question ends exactly once.
@@ -25,6 +26,7 @@ Imports nothing heavier than :mod:`streamer.inference.questions`.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ from typing import Generic, Protocol, TypeVar
 
 from streamer.capture.ring import Frame
 from streamer.inference.questions import Answer, ErrorCode, FrameSpan, Question, StreamFeed, Watch
+
+log = logging.getLogger(__name__)
 
 #: Why something was refused: an error code and a message for the asker.
 Refusal = tuple[ErrorCode, str]
@@ -109,6 +113,8 @@ class Standing:
     next_due: float
     rounds: int = 0
     skipped: int = 0
+    #: Rounds its gate skipped (no motion, outside its hours).
+    gated: int = 0
     pending: Job | None = None
     ended: bool = False
 
@@ -251,13 +257,26 @@ class Policy:
                 skipped = due if st.pending is not None else due - 1
                 st.skipped += skipped
                 self.skipped_rounds += skipped
-                if st.pending is None:
+                if st.pending is None and self._gated(st):
+                    st.gated += 1
+                elif st.pending is None:
                     st.rounds += 1
                     st.pending = self._round_of(st, now)
                     self.queue.append(st.pending)
             until = st.next_due - now
             wait = until if wait is None else min(wait, until)
         return wait
+
+    @staticmethod
+    def _gated(st: Standing) -> bool:
+        """The watch's gate skips this round (a gate that fails lets it run)."""
+        if st.watch.gate is None:
+            return False
+        try:
+            return st.watch.gate() is not None
+        except Exception:
+            log.exception("gate of watch %s failed; the round runs", st.watch.id)
+            return False
 
     def _round_of(self, st: Standing, now: float) -> Job:
         w = st.watch

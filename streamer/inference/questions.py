@@ -9,8 +9,9 @@ afterwards: the loop keeps its own record of each (:mod:`streamer.inference.poli
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -110,6 +111,47 @@ class Question:
     sampling: Sampling | None = None
 
 
+#: Words that count as a yes at the start of an answer (see :class:`AlertIf`).
+YES_WORDS = frozenset({"yes", "yeah", "yep", "yup", "affirmative"})
+_FIRST_WORD = re.compile(r"[^\W\d_]+")
+
+
+@dataclass(frozen=True)
+class AlertIf:
+    """When a watch round's answer is an alert: exactly one of ``contains`` (case-insensitive
+    substring), ``regex`` (Python syntax, searched anywhere in the answer) or ``yes`` (the
+    answer's first word, ignoring case and any leading punctuation, quotes or markdown, is one
+    of :data:`YES_WORDS`: "Yes.", "**Yes**, a truck", "yeah" match; "No", "Yesterday", "I
+    think yes" do not)."""
+
+    contains: str | None = None
+    regex: str | None = None
+    yes: bool = False
+
+    def __post_init__(self) -> None:
+        if sum((self.contains is not None, self.regex is not None, self.yes)) != 1:
+            raise ValueError("give exactly one of contains, regex or yes")
+        if self.regex is not None:
+            re.compile(self.regex)
+
+    def matches(self, text: str) -> str | None:
+        """What matched in ``text`` (the ``contains`` text, the regex's match, ``yes``), or None."""
+        if self.contains is not None:
+            return self.contains if self.contains and self.contains.casefold() in text.casefold() else None
+        if self.regex is not None:
+            found = re.search(self.regex, text)
+            return found.group(0) if found else None
+        first = _FIRST_WORD.search(text)
+        if first is not None and text[: first.start()].strip(" \t\n*_\"'`>#-([") == "":
+            return "yes" if first.group(0).casefold() in YES_WORDS else None
+        return None
+
+
+#: Asked on the loop's thread when a watch round falls due: None to run it, or why it is
+#: skipped (``"no_motion"``, ``"inactive"``). Must return at once.
+RoundGate = Callable[[], "str | None"]
+
+
 @dataclass(frozen=True, eq=False)
 class Watch:
     """A standing question, asked again every ``every_s`` seconds on fresh frames."""
@@ -124,12 +166,15 @@ class Watch:
     max_new_tokens: int
     mode: Mode = "video"
     alert_contains: str | None = None
+    #: A richer condition than ``alert_contains`` (which it replaces when set).
+    alert_if: AlertIf | None = None
+    #: Consulted before each round; a round it refuses is skipped and costs no model time.
+    gate: RoundGate | None = None
 
     def matches(self, text: str) -> str | None:
-        """The ``alert_contains`` text when ``text`` contains it (case-insensitive), else None."""
-        if self.alert_contains and self.alert_contains.casefold() in text.casefold():
-            return self.alert_contains
-        return None
+        """What in ``text`` makes this round an alert (see :class:`AlertIf`), else None."""
+        condition = self.alert_if or (AlertIf(contains=self.alert_contains) if self.alert_contains else None)
+        return condition.matches(text) if condition is not None else None
 
 
 @dataclass(frozen=True)

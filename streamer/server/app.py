@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from streamer.server import protocol, v1
+from streamer.server.api import MonitorCollector, api_routes
 from streamer.server.connection import Connection
 from streamer.server.metrics import Metrics
 from streamer.server.previews import PreviewHub
@@ -57,6 +58,7 @@ class DashboardFiles(StaticFiles):
 
 def create_app(runtime: Runtime) -> Starlette:
     state = ServerState(runtime, Metrics(runtime), PreviewHub(runtime.ring_of), Publishers(runtime))
+    state.metrics.registry.register(MonitorCollector(runtime))
     service = runtime.service
     state.publishers.on_open = state.announce
     whip = Whip(state.publishers, partial(bearer_token_ok, runtime.settings.server))
@@ -91,6 +93,7 @@ def create_app(runtime: Runtime) -> Starlette:
         WebSocketRoute("/ws", websocket_endpoint),
         *v1.routes(state),  # the OpenAI-compatible endpoint
         *whip.routes(),  # WebRTC ingest (WHIP)
+        *api_routes(runtime),  # rules and stored events
     ]
     dashboard = runtime.settings.server.dashboard_dir or packaged_dashboard()
     if (dashboard / "call.html").is_file():  # the customer's side of a video call: /call?stream=NAME

@@ -19,6 +19,9 @@ from streamer.config import Settings, SourceConfig
 from streamer.inference.questions import StreamFeed
 from streamer.inference.registry import create_engine, engine_backends, engine_memory
 from streamer.service import AskService, EventHub, StreamChanged
+from streamer.service.outlets import MqttOutlet, WebhookOutlet
+from streamer.service.rules import RuleRunner
+from streamer.service.storage import EventStore
 
 if TYPE_CHECKING:
     from streamer.inference.engine import Engine
@@ -38,6 +41,10 @@ class Runtime:
         self.engine = engine
         self.loop: InferenceLoop | None = None
         self.started_at = time.time()
+        #: Rules, stored events and their delivery, once :meth:`start_monitoring` ran.
+        self.monitor: RuleRunner | None = None
+        self.webhooks: list[WebhookOutlet] = []
+        self.mqtt: MqttOutlet | None = None
 
     def start_capture(self) -> None:
         for capture in self.captures.values():
@@ -66,7 +73,32 @@ class Runtime:
         self.loop.start()
         self.service.attach(self.loop)
 
+    def start_monitoring(self) -> None:
+        """Open the event store, start the outlets and the rules (after :meth:`start_inference`).
+        Raises ValueError when an outlet's settings cannot work (a secret that is not set)."""
+        from streamer.server.previews import encode_preview
+
+        events = self.settings.events
+        store = EventStore(events.directory, max_age_days=events.max_age_days, max_count=events.max_count)
+        self.webhooks = [WebhookOutlet(w, store) for w in events.webhooks]
+        self.mqtt = MqttOutlet(events.mqtt) if events.mqtt is not None else None
+        outlets = [*self.webhooks, *([self.mqtt] if self.mqtt else [])]
+        width = events.thumbnail_width
+        self.monitor = RuleRunner(
+            self.service, store, rings=self.ring_of, encode=lambda f: encode_preview(f, width)[0], outlets=outlets
+        )
+        for outlet in outlets:
+            outlet.start()
+        self.monitor.start(self.settings.rules)
+        for status in self.statuses():  # where each stream stands at start: the first status events
+            self.events.publish(StreamChanged(status))
+        log.info("monitoring: %d rule(s), events in %s", len(self.monitor.rules), store.path)
+
     def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        for outlet in [*self.webhooks, *([self.mqtt] if self.mqtt else [])]:
+            outlet.stop()
         if self.loop is not None:
             self.loop.stop()
         for capture in self.captures.values():

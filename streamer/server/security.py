@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -122,6 +123,21 @@ class AccessControl:
         await PlainTextResponse(message + "\n", status_code=403)(scope, receive, send)
 
 
+def token_ok(tokens: Sequence[SecretStr], given: str | None) -> bool:
+    """``given`` is one of ``tokens``. Compared against every token in constant time, so
+    timing says nothing about which one nearly matched."""
+    if not given:
+        return False
+    results = [hmac.compare_digest(given.encode(), t.get_secret_value().encode()) for t in tokens]
+    return any(results)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    scheme, _, value = (authorization or "").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
 def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> list[Middleware]:
     """The middleware that applies ``cfg``'s access rules, outermost first."""
     middleware = [Middleware(AccessControl, policy=AccessPolicy.of(cfg), on_refused=on_refused)]
@@ -143,20 +159,12 @@ def access_middleware(cfg: ServerConfig, on_refused: Callable[[str], None]) -> l
 
 def token_valid(cfg: ServerConfig, token: str | None) -> bool:
     """Whether ``token`` is one of the server's tokens (constant time: compared with each)."""
-    if token is None:
-        return False
-    given = token.encode()
-    # Compare against every token, so timing says nothing about which one nearly matched.
-    results = [hmac.compare_digest(given, t.get_secret_value().encode()) for t in cfg.tokens]
-    return any(results)
+    return token_ok(cfg.tokens, token)
 
 
 def bearer_token_ok(cfg: ServerConfig, authorization: str | None) -> bool:
     """Whether a request may proceed: no tokens are set, or it carries ``Bearer <a token>``."""
-    if not cfg.tokens:
-        return True
-    scheme, _, value = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and token_valid(cfg, value.strip())
+    return not cfg.tokens or token_ok(cfg.tokens, bearer_token(authorization))
 
 
 def startup_warnings(cfg: ServerConfig) -> list[str]:

@@ -13,6 +13,7 @@ Guarantees:
   session included; every watch ends with exactly one final ``Failed``;
 - an id is open from the ask until that final event is published: a second ask or watch
   with an open id is refused with ``duplicate_id``;
+- the prompt is the question after the stream's ``context``, when it has one;
 - defaults come from the configuration: ``frames`` and ``max_new_tokens`` from the model,
   ``mode`` from the stream, then the model.
 """
@@ -26,7 +27,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamer.config import Settings, SourceConfig
-from streamer.inference.questions import Answer, ErrorCode, Mode, Question, Rejected, Sampling, Watch
+from streamer.inference.questions import (
+    AlertIf,
+    Answer,
+    ErrorCode,
+    Mode,
+    Question,
+    Rejected,
+    RoundGate,
+    Sampling,
+    Watch,
+)
 from streamer.service.events import (
     Accepted,
     Alerted,
@@ -65,6 +76,8 @@ class WatchRequest(AskRequest):
 
     every_s: float = 60.0
     alert_contains: str | None = None
+    alert_if: AlertIf | None = None
+    gate: RoundGate | None = None
 
 
 class QuestionLoop(Protocol):
@@ -119,6 +132,13 @@ class AskService:
         """A new asker: at most ``max_open`` asks and watches open at once, its events in a
         queue of ``maxsize`` (see :class:`~streamer.service.events.Subscription`)."""
         return Session(self, name, max_open=max_open, throttle=throttle, maxsize=maxsize, wake=wake)
+
+    def prompt(self, request: AskRequest) -> str:
+        """The question as the model gets it: after the stream's ``context`` when it has one."""
+        source = self._source(request.stream)
+        if source is not None and source.context:
+            return f"{source.context.strip()}\n{request.question}"
+        return request.question
 
     def defaults(self, request: AskRequest) -> tuple[int, int, Mode]:
         """``frames``, ``max_new_tokens`` and ``mode`` for ``request``: its own, else the
@@ -177,7 +197,15 @@ class Session:
             return
         fields = self._question_fields(request)
         try:
-            loop.add_watch(Watch(**fields, every_s=request.every_s, alert_contains=request.alert_contains))
+            loop.add_watch(
+                Watch(
+                    **fields,
+                    every_s=request.every_s,
+                    alert_contains=request.alert_contains,
+                    alert_if=request.alert_if,
+                    gate=request.gate,
+                )
+            )
         except Rejected as err:  # ended through on_watch_end already
             log.info("%s: watch %s refused: %s", self.name, request.id, err.code)
 
@@ -188,7 +216,7 @@ class Session:
         return {
             "id": request.id,
             "stream": request.stream,
-            "text": request.question,
+            "text": self.service.prompt(request),
             "owner": self,
             "sink": self,
             "frames": frames,
