@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.bench import Scenario, run
+from streamer.benchmark.bench import Scenario, run
 from streamer.inference.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow

@@ -20,13 +20,12 @@ touched under the loop's lock; the engine and the sinks are called outside it, e
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
 from streamer.capture.ring import Frame
-from streamer.inference.engine import Engine, GenerationRequest, is_out_of_memory
+from streamer.inference.engine import Engine, GenerationRequest
 from streamer.inference.policy import SHUTTING_DOWN, Ended, Job, Policy, Standing, WatchProgress, answer_of
 from streamer.inference.questions import Answer, ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
 
@@ -253,8 +252,9 @@ class InferenceLoop:
                 self._answer(batch)
             except Exception as err:  # the loop outlives any one question
                 log.exception("questions %s failed", [job.id for job in batch])
+                describe = self.engine.describe_failure(err) or f"inference failed: {type(err).__name__}: {err}"
                 for job in batch:
-                    self._reports.failed(job, "internal", _describe_failure(err))
+                    self._reports.failed(job, "internal", describe)
             finally:
                 with self._lock:
                     self._policy.batch_done()
@@ -331,12 +331,3 @@ def _text_to(job: Job) -> Callable[[str], None]:
 
 def _stop_of(job: Job) -> Callable[[], bool]:
     return lambda: job.stop_code is not None
-
-
-def _describe_failure(err: Exception) -> str:
-    if is_out_of_memory(err):  # the engine has freed what it could
-        # An engine that never imported torch cannot have raised torch's error: don't import it.
-        torch = sys.modules.get("torch")
-        where = "GPU memory" if torch is not None and isinstance(err, torch.OutOfMemoryError) else "memory"
-        return f"inference ran out of {where}; try fewer frames or a smaller max_pixels"
-    return f"inference failed: {type(err).__name__}: {err}"

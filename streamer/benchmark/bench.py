@@ -21,23 +21,22 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
 
 import numpy as np
 
 from streamer.benchmark.clips import write_video
+from streamer.benchmark.servers import start_server, stop_server
 from streamer.config import cache_dir
 from streamer.inference.reference import reference_generate, reference_inputs, reference_text
+from streamer_client import Client
 
 # Qwen2-VL-2B-Instruct's shape (config.json on the Hub).
 TEXT_2B = {
@@ -172,50 +171,14 @@ def reference_answer(
 # -- (b) streamer over its WebSocket server ----------------------------------------------------
 
 
-def start_server(config: Path, log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer.cli", "serve", "--config", str(config), "--port", "0"],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        m = re.search(r"is serving on (ws://[\d.]+:(\d+)/ws)", log.read_text())
-        if m:
-            return proc, m.group(1), int(m.group(2))
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
-def metric(port: int, name: str) -> float:
-    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def ask_streamer(url: str, question: str, qid: str, new_tokens: int) -> tuple[list[int], str, float, float]:
     """One question over the WebSocket: (token ids, text, ttft_s, total_s)."""
-    import websockets
-
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.recv()  # welcome
+    async with await Client.connect(url, open_timeout=60) as client:
+        await client.welcome()
         started = time.perf_counter()
         first: float | None = None
-        await ws.send(
-            json.dumps(
-                {"type": "ask", "id": qid, "stream": "bench", "question": question, "max_new_tokens": new_tokens}
-            )
-        )
-        while True:
-            m = json.loads(await ws.recv())
-            if m.get("id") != qid:
-                continue
+        await client.send_ask("bench", question, id=qid, max_new_tokens=new_tokens)
+        async for m in client.messages_of(qid, timeout=None):
             if m["type"] == "token" and first is None:
                 first = time.perf_counter()
             elif m["type"] == "answer":
@@ -223,6 +186,7 @@ async def ask_streamer(url: str, question: str, qid: str, new_tokens: int) -> tu
                 return m["token_ids"], m["text"], (first or end) - started, end - started
             elif m["type"] == "error":
                 raise RuntimeError(f"streamer answered {m['code']}: {m['message']}")
+    raise RuntimeError(f"the connection closed before question {qid} ended")
 
 
 def peak_rss_gib_of(pid: int) -> float:
@@ -289,13 +253,13 @@ def run(
     )
     say("streamer: starting `streamer serve` on the same frames and waiting for it to see them")
     env = {"STREAMER_FAULT_SHIFT_POSITION": str(fault_shift_position)} if fault_shift_position else None
-    proc, url, port = start_server(config, workdir / "server.log", env)
+    server = start_server(["--config", str(config)], workdir / "server.log", env, timeout=600)
+    url = server.url
     try:
         deadline = time.monotonic() + 600
         while True:  # the stream is buffered, and (with prewarm) the window is prepared
-            health = json.loads(urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read())
-            buffered = health["streams"][0]["frames_buffered"] >= sc.frames
-            if buffered and (not prewarm or metric(port, "streamer_prefix_cache_entries") >= 1):
+            buffered = server.healthz()["streams"][0]["frames_buffered"] >= sc.frames
+            if buffered and (not prewarm or server.metric("streamer_prefix_cache_entries") >= 1):
                 break
             if time.monotonic() > deadline:
                 raise SystemExit("the server never prepared the frames")
@@ -316,10 +280,9 @@ def run(
             return answers, time.perf_counter() - started
 
         many, wall = asyncio.run(together())
-        server_peak = peak_rss_gib_of(proc.pid)
+        server_peak = peak_rss_gib_of(server.proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_server(server)
     # Compared on token ids: two different answers can decode to the same text.
     pairs = [*zip(questions, ref, singles, strict=False), *zip(questions, ref, many, strict=True)]
     equal = all(m[0] == r[0] for _, r, m in pairs)
