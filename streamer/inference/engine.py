@@ -39,6 +39,27 @@ class GenerationResult:
     first_token_at: float | None  # time.monotonic() of the first generated token
 
 
+@dataclass(frozen=True)
+class Joiner:
+    """A question that joins a running batch about the same window (continuous batching)."""
+
+    request: GenerationRequest
+    on_text: Callable[[str], None]
+    should_stop: Callable[[], bool]
+    #: Gets its result the step it ends.
+    on_result: Callable[[GenerationResult], None]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """How much of a window's work is done ahead of questions."""
+
+    #: Frame pairs whose vision embeddings are not computed yet.
+    missing_pairs: int
+    #: Whether the prompt's shared prefix (system prompt and video) is prefilled.
+    prefix_ready: bool
+
+
 class Engine(ABC):
     """Generates an answer, streaming text pieces as they are decided."""
 
@@ -61,14 +82,36 @@ class Engine(ABC):
         requests: Sequence[GenerationRequest],
         on_texts: Sequence[Callable[[str], None]],
         should_stops: Sequence[Callable[[], bool]],
+        *,
+        on_results: Sequence[Callable[[GenerationResult], None]] | None = None,
+        joiners: Callable[[int], list[Joiner]] | None = None,
     ) -> list[GenerationResult]:
-        """Answer several requests about the same frames; by default one after another."""
-        return [self.generate(r, t, s) for r, t, s in zip(requests, on_texts, should_stops, strict=True)]
+        """Answer several requests about the same frames; by default one after another.
+
+        ``on_results[i]`` gets request i's result as soon as it is decided (before the
+        others end, where the engine can). ``joiners(room)``, which an engine that batches
+        continuously polls between decode steps, hands over up to ``room`` new questions
+        about the same frames; their results go only to their own ``on_result``. An engine
+        that never polls it leaves them to the loop's next batch."""
+        results = []
+        for i, (r, t, s) in enumerate(zip(requests, on_texts, should_stops, strict=True)):
+            results.append(self.generate(r, t, s))
+            if on_results is not None:
+                on_results[i](results[-1])
+        return results
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """Do one piece of work ahead of questions (e.g. encode a new frame pair); True if
-        there was some. Called by the inference loop when it has nothing else to do."""
+        """Do one piece of work ahead of questions (encode a frame pair, prefill one chunk);
+        True if there was some. Called by the inference loop when it has nothing else to do,
+        which looks for questions between calls: a piece should be short."""
         return False
+
+    def readiness(
+        self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
+    ) -> Readiness | None:
+        """How prepared the window ``frames`` is; None when the engine prepares nothing
+        ahead (the loop then always takes the newest frames)."""
+        return None
 
     def describe_failure(self, err: BaseException) -> str | None:
         """What to tell users when ``err`` ended a batch, for failures this engine knows (an

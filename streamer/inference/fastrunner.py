@@ -8,7 +8,6 @@ questions. Called from the inference loop's one thread.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -17,15 +16,15 @@ import torch
 
 from streamer.config import ModelConfig
 from streamer.inference import fastpath
-from streamer.inference.engine import GenerationRequest, GenerationResult
+from streamer.inference.engine import GenerationRequest, GenerationResult, Joiner, Readiness
 from streamer.inference.fastpath import (
     Prefix,
     PrefixCache,
+    PrefixPrefill,
     Row,
     VisionEncoder,
     Window,
     batch_kv_bytes,
-    prefill_prefix,
     rope_positions,
     split_prompt,
 )
@@ -92,15 +91,16 @@ class FastRunner:
         self.fault_shift = fault_shift
         self.batch_kv_limit = cfg.batch_kv_mb * 2**20
         self.batch_kv_bytes = 0
-        self.window_seen: dict[str, tuple[Hashable, float]] = {}  # newest window per stream, since when
-        self.last_prefill_s = 0.0
+        #: Prefills under way (resumed by the next warm step or question about their window).
+        self.prefills: dict[Hashable, PrefixPrefill] = {}
         self._second_per_grid: dict[float, Any] = {}
         tok = loaded.processor.tokenizer
         self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
         self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """Encode the newest window's missing pairs one by one, then prefill its prompt prefix."""
+        """One piece of the window's work: its newest missing pair, else one chunk of its
+        prefill; False when it is ready (or cannot take the fast path)."""
         n = len(frames) - len(frames) % 2
         frames, ids = frames[-n:], ids[-n:]
         if self.vision.warm(stream, frames, ids):
@@ -111,22 +111,20 @@ class FastRunner:
         keys = tuple(key for _, key in pairs)
         if self.prefix_key(keys, sample_fps) in self.prefix_cache:
             return False
-        # A prefill is only worth doing ahead if the window will still be the newest when it
-        # is done: on a CPU a live stream slides faster than the model prefills, and a
-        # question would then wait behind work it cannot use.
-        now = time.monotonic()
-        seen_keys, since = self.window_seen.get(stream, (None, now))
-        if seen_keys != keys:
-            self.window_seen[stream] = (keys, now)
-            since = now
-        if now - since < self.last_prefill_s:
-            return False
         window = self.vision.window(stream, frames, ids)
         assert window is not None  # its pairs are all cached
-        started = time.monotonic()
-        self.prefix_of(window, sample_fps)
-        self.last_prefill_s = time.monotonic() - started
+        self.prefix_of(window, sample_fps, chunks=1)
         return True
+
+    def readiness(
+        self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
+    ) -> Readiness | None:
+        pairs = self.vision.pair_keys(stream, frames, ids)
+        if pairs is None:
+            return None
+        keys = tuple(key for _, key in pairs)
+        missing = sum(1 for key in keys if key not in self.vision.cache)
+        return Readiness(missing_pairs=missing, prefix_ready=self.prefix_key(keys, sample_fps) in self.prefix_cache)
 
     def rope_kwargs(self, sample_fps: float) -> dict[str, Any]:
         """What the model's rope index needs besides the grid: for Qwen2.5-VL the seconds per
@@ -151,18 +149,45 @@ class FastRunner:
         seconds = self.rope_kwargs(sample_fps).get("second_per_grid_ts")
         return (pair_keys, self.cfg.system_prompt, None if seconds is None else tuple(seconds.tolist()))
 
-    def prefix_of(self, window: Window, sample_fps: float) -> Prefix:
-        """The prefilled shared prefix of ``window``'s prompt (cached for recent windows)."""
+    def prefix_of(
+        self,
+        window: Window,
+        sample_fps: float,
+        *,
+        chunks: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Prefix | None:
+        """The prefilled shared prefix of ``window``'s prompt (cached for recent windows),
+        prefilled in chunks of ``model.prefill_chunk_tokens``, resuming one under way; None
+        when it ran ``chunks`` chunks without finishing, or ``should_stop`` said so between
+        two chunks (what was done is kept for the next call)."""
         key = self.prefix_key(window.keys, sample_fps)
         prefix = self.prefix_cache.get(key)
-        if prefix is None:
+        if prefix is not None:
+            return prefix
+        run = self.prefills.pop(key, None)
+        if run is None:
             head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
             embeds = window.embeds.to(self.loaded.dtype)
-            prefix = prefill_prefix(
-                self.loaded.model, head, embeds, window.grid, self.video_pad, self.rope_kwargs(sample_fps)
+            run = PrefixPrefill(
+                self.loaded.model,
+                head,
+                embeds,
+                window.grid,
+                self.video_pad,
+                self.rope_kwargs(sample_fps),
+                chunk_tokens=self.cfg.prefill_chunk_tokens,
             )
-            self.prefix_cache.put(key, prefix)
-        return prefix
+        ran = 0
+        while not run.step():
+            ran += 1
+            if (chunks is not None and ran >= chunks) or (should_stop is not None and should_stop()):
+                # Keep the newest unfinished prefill only: a live window slides on.
+                self.prefills = {key: run}
+                return None
+        assert run.prefix is not None
+        self.prefix_cache.put(key, run.prefix)
+        return run.prefix
 
     def prompt_ids(self, question: str, video_tokens: int) -> list[int]:
         """The whole prompt's token ids, the video's ``video_tokens`` placeholders included,
@@ -180,56 +205,100 @@ class FastRunner:
         requests: Sequence[GenerationRequest],
         on_texts: Sequence[Callable[[str], None]],
         should_stops: Sequence[Callable[[], bool]],
+        on_results: Sequence[Callable[[GenerationResult], None]] | None = None,
+        joiners: Callable[[int], list[Joiner]] | None = None,
     ) -> list[GenerationResult] | None:
-        """Answer ``requests`` (all about one window); None if the window cannot take the fast
-        path (an odd frame count, or a frame size that depends on the window's length)."""
+        """Answer ``requests`` (all about one window), each result going to its ``on_results``
+        entry the step it ends, and take in ``joiners`` between steps; None if the window
+        cannot take the fast path (an odd frame count, or a frame size that depends on the
+        window's length)."""
         first = requests[0]
         assert first.stream is not None and first.frame_ids is not None
         window = self.vision.window(first.stream, first.frames, first.frame_ids)
         if window is None:
             return None
-        model = self.loaded.model
-        device = self.loaded.device
-        rope_kwargs = self.rope_kwargs(first.sample_fps)
-        prefix = self.prefix_of(window, first.sample_fps)
-        tokenizer = self.loaded.processor.tokenizer
-        rows, decoders = [], []
-        for request, on_text, should_stop in zip(requests, on_texts, should_stops, strict=True):
-            ids = self.prompt_ids(request.question, window.embeds.shape[0])
-            head, suffix = split_prompt(ids, self._vision_end)
-            assert head == prefix.ids
-            prompt = torch.tensor([ids], device=device)
-            positions = rope_positions(model, prompt, window.grid, self.video_pad, rope_kwargs) + self.fault_shift
-            decoder = IncrementalDecoder(tokenizer, on_text)
-            decoders.append(decoder)
-            rows.append(
-                Row(
-                    prompt=prompt,
-                    suffix=suffix,
-                    positions=positions[:, len(head) :],
-                    # generate continues each position row from the prompt's last one.
-                    next_position=positions[:, -1] + 1,
-                    decoding=row_decoding(
-                        model,
-                        self.generation,
-                        prompt,
-                        max_new_tokens=request.max_new_tokens,
-                        seed=self.cfg.seed,
-                        tokenizer=tokenizer,
-                    ),
-                    on_token=lambda t, d=decoder: d.add([t]),
-                    should_stop=should_stop,
-                )
-            )
+        on_results = on_results or [lambda result: None] * len(requests)
+        prefix = self.prefix_of(window, first.sample_fps, should_stop=lambda: all(s() for s in should_stops))
+        if prefix is None:  # every question was cancelled during the prefill
+            results = [GenerationResult("", [], stopped=True, first_token_at=None) for _ in requests]
+            for result, on_result in zip(results, on_results, strict=True):
+                on_result(result)
+            return results
+        results: list[GenerationResult | None] = [None] * len(requests)
+
+        def keep(i: int, on_result: Callable[[GenerationResult], None]) -> Callable[[GenerationResult], None]:
+            def done(result: GenerationResult) -> None:
+                results[i] = result
+                on_result(result)
+
+            return done
+
+        rows = [
+            self._row(window, prefix, r, t, s, keep(i, o))
+            for i, (r, t, s, o) in enumerate(zip(requests, on_texts, should_stops, on_results, strict=True))
+        ]
+        longest = max(r.max_new_tokens for r in requests)
+
+        def join(running: int) -> list[Row]:
+            if joiners is None:
+                return []
+            room = 0
+            while batch_kv_bytes(prefix, running + room + 1, 64, longest) <= self.batch_kv_limit:
+                room += 1
+            joined = joiners(room) if room else []
+            return [self._row(window, prefix, j.request, j.on_text, j.should_stop, j.on_result) for j in joined]
+
         pad = self.generation.pad_token_id
-        pad_id = pad if pad is not None else (tokenizer.pad_token_id or 0)
+        pad_id = pad if pad is not None else (self.loaded.processor.tokenizer.pad_token_id or 0)
         new_tokens = [r.max_new_tokens for r in requests]
         for part in self._parts(prefix, rows, new_tokens):
-            self.batch_kv_bytes = fastpath.decode(model, prefix, part, pad_id=pad_id)
-        return [
-            GenerationResult(text=d.finish(), token_ids=r.tokens, stopped=r.stopped, first_token_at=r.first_token_at)
-            for r, d in zip(rows, decoders, strict=True)
-        ]
+            self.batch_kv_bytes = fastpath.decode(self.loaded.model, prefix, part, pad_id=pad_id, joiners=join)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _row(
+        self,
+        window: Window,
+        prefix: Prefix,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+        on_result: Callable[[GenerationResult], None],
+    ) -> Row:
+        """One question's row: its prompt and positions (the model's rope index on the whole
+        prompt), its decoding (as ``generate`` builds it) and its result when it ends."""
+        model = self.loaded.model
+        tokenizer = self.loaded.processor.tokenizer
+        ids = self.prompt_ids(request.question, window.embeds.shape[0])
+        head, suffix = split_prompt(ids, self._vision_end)
+        assert head == prefix.ids
+        prompt = torch.tensor([ids], device=self.loaded.device)
+        rope_kwargs = self.rope_kwargs(request.sample_fps)
+        positions = rope_positions(model, prompt, window.grid, self.video_pad, rope_kwargs) + self.fault_shift
+        decoder = IncrementalDecoder(tokenizer, on_text)
+        row = Row(
+            prompt=prompt,
+            suffix=suffix,
+            positions=positions[:, len(head) :],
+            # generate continues each position row from the prompt's last one.
+            next_position=positions[:, -1] + 1,
+            decoding=row_decoding(
+                model,
+                self.generation,
+                prompt,
+                max_new_tokens=request.max_new_tokens,
+                seed=self.cfg.seed,
+                tokenizer=tokenizer,
+            ),
+            on_token=lambda t: decoder.add([t]),
+            should_stop=should_stop,
+        )
+        row.on_done = lambda: on_result(
+            GenerationResult(
+                text=decoder.finish(), token_ids=row.tokens, stopped=row.stopped, first_token_at=row.first_token_at
+            )
+        )
+        return row
 
     def _parts(self, prefix: Prefix, rows: list[Row], new_tokens: list[int]) -> list[list[Row]]:
         """``rows`` cut into consecutive batches whose KV caches stay within

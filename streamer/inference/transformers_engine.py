@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from streamer.config import ModelConfig
-from streamer.inference.engine import Engine, GenerationRequest, GenerationResult
+from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner, Readiness
 from streamer.inference.fastrunner import FastRunner, IncrementalDecoder
 from streamer.inference.loader import LoadedModel
 from streamer.inference.video import processor_inputs
@@ -192,8 +192,12 @@ class TransformersEngine(Engine):
         requests: Sequence[GenerationRequest],
         on_texts: Sequence[Callable[[str], None]],
         should_stops: Sequence[Callable[[], bool]],
+        *,
+        on_results: Sequence[Callable[[GenerationResult], None]] | None = None,
+        joiners: Callable[[int], list[Joiner]] | None = None,
     ) -> list[GenerationResult]:
-        """Answer requests; those about one window together on the fast path. An allocation
+        """Answer requests; those about one window together on the fast path, where each
+        result goes out the step it ends and ``joiners`` join between steps. An allocation
         failure frees the caches and is raised (the loop ends the batch with ``internal``,
         saying :meth:`describe_failure`)."""
         try:
@@ -201,13 +205,18 @@ class TransformersEngine(Engine):
             same_window = all(r.stream == first.stream and r.frame_ids == first.frame_ids for r in requests)
             reason = next((why for r in requests if (why := self._plain_reason(r)) is not None), None)
             if same_window and reason is None:
-                results = self.fast.generate(requests, on_texts, should_stops)
+                results = self.fast.generate(requests, on_texts, should_stops, on_results, joiners)
                 if results is not None:
                     return results
                 self.log_plain_once("windows of an odd frame count, or whose frame size depends on their length")
             elif reason is not None and reason != self.fast_path_off:
                 self.log_plain_once(reason)
-            return [self._generate_plain(r, t, s) for r, t, s in zip(requests, on_texts, should_stops, strict=True)]
+            results = []
+            for i, (r, t, s) in enumerate(zip(requests, on_texts, should_stops, strict=True)):
+                results.append(self._generate_plain(r, t, s))
+                if on_results is not None:
+                    on_results[i](results[-1])
+            return results
         except Exception as err:
             if is_out_of_memory(err):
                 self.free_memory()
@@ -224,10 +233,17 @@ class TransformersEngine(Engine):
             torch.cuda.empty_cache()
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """Encode the newest window's missing pairs one by one, then prefill its prompt prefix."""
+        """One piece of preparing the window: a missing pair, else one chunk of its prefill."""
         if self.fast_path_off is not None:
             return False
         return self.fast.warm(stream, frames, ids, sample_fps)
+
+    def readiness(
+        self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
+    ) -> Readiness | None:
+        if self.fast_path_off is not None:
+            return None
+        return self.fast.readiness(stream, frames, ids, sample_fps)
 
     def _generate_plain(
         self,
