@@ -195,11 +195,15 @@ def test_a_chunked_prefill_equals_the_one_pass_prefill(engine: TransformersEngin
 
 
 def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:
-    """Newest prefilled window within window_lag_s, else newest fully encoded, else the newest."""
+    """Newest prefilled window within window_lag_s, else the newest with the fewest pairs to encode, else the newest."""
     newest = WindowOption(0.0, 2, False)
-    encoded = WindowOption(0.5, 0, False)
-    prefilled = WindowOption(1.0, 0, True)
-    assert choose_window([newest, encoded, prefilled], 2.0) == 2
-    assert choose_window([newest, encoded, prefilled], 0.7) == 1
-    assert choose_window([newest, encoded, prefilled], 0.0) == 0
+    half = WindowOption(0.5, 1, False)
+    also_half = WindowOption(1.0, 1, False)
+    encoded = WindowOption(1.5, 0, False)
+    prefilled = WindowOption(2.0, 0, True)
+    options = [newest, half, also_half, encoded, prefilled]
+    assert choose_window(options, 2.0) == 4
+    assert choose_window(options, 1.7) == 3
+    assert choose_window(options, 1.2) == 1
+    assert choose_window(options, 0.0) == 0
     assert choose_window([WindowOption(0.0, None, False)], 5.0) == 0

@@ -9,9 +9,12 @@ Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
   pair that ends with it ("pair ending at k") and any window ending at the newest frame
   is made of cached pairs;
 - the prompt puts the video before the question, so every question about one window shares
-  the prompt up to ``<|vision_end|>``: :func:`prefill_prefix` prefills that prefix once,
+  the prompt up to ``<|vision_end|>``: :class:`PrefixPrefill` prefills that prefix once (in chunks),
   :func:`decode` repeats its KV cache for each question, prefills each question's own tokens,
-  and decodes all of them as one batch.
+  and decodes all of them as one batch, which rows leave the step they end and new rows
+  about the same prefix join between steps (continuous batching; padding columns between
+  the prefix and each row's question are masked out, so rows of any length and start step
+  share one cache).
 
 Nothing ``generate`` decides is re-derived here: each row's M-RoPE positions come from the
 model's own rope index on that row's whole prompt, and its tokens are chosen by the logits

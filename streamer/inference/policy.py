@@ -21,7 +21,7 @@ Guarantees:
   while it decodes, questions that arrive about its window join it (:meth:`Policy.take_joiners`)
   up to ``max_batch`` running at once;
 - a question takes the newest window unless a window at most ``window_lag_s`` older is
-  better prepared (:func:`choose_window`);
+  better prepared: prefilled, or with fewer pairs still to encode (:func:`choose_window`);
 - :meth:`Policy.finish` says yes once per job, so each question ends exactly once.
 
 Imports nothing heavier than :mod:`streamer.inference.questions`.
@@ -402,16 +402,17 @@ class WindowOption:
 
 def choose_window(options: list[WindowOption], window_lag_s: float) -> int:
     """Which of ``options`` (newest first) a question takes: the newest whose prefix is
-    prefilled, else the newest whose pairs are all encoded, else the newest; only windows
+    prefilled, else the newest of those with the fewest pairs still to encode; only windows
     lagging the newest by at most ``window_lag_s`` count. A prepared window answers in a
     fraction of a prefill, so on a slow machine it is fresher at the first token than the
     newest frames would be."""
     allowed = [i for i, o in enumerate(options) if o.lag_s <= window_lag_s and o.missing_pairs is not None]
-    for good in (lambda o: o.prefix_ready, lambda o: o.missing_pairs == 0):
-        found = next((i for i in allowed if good(options[i])), None)
-        if found is not None:
-            return found
-    return 0
+    if not allowed:
+        return 0
+    ready = next((i for i in allowed if options[i].prefix_ready), None)
+    if ready is not None:
+        return ready
+    return min(allowed, key=lambda i: (options[i].missing_pairs, i))
 
 
 def answer_of(
