@@ -14,7 +14,7 @@ import torch
 
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
-from streamer.inference.engine import GenerationRequest
+from streamer.inference.engine import GenerationRequest, Joiner
 from streamer.inference.fastpath import PrefixPrefill, split_prompt
 from streamer.inference.loader import load_model
 from streamer.inference.policy import WindowOption, choose_window
@@ -207,3 +207,40 @@ def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:
     assert choose_window(options, 1.2) == 1
     assert choose_window(options, 0.0) == 0
     assert choose_window([WindowOption(0.0, None, False)], 5.0) == 0
+
+
+def test_rows_joining_a_running_decode_get_generates_token_ids(engine: TransformersEngine) -> None:
+    """Questions handed over between decode steps (alone or together) get generate's token ids, as do the others."""
+    ring = _ring(seed=8)
+    frames = window_of(ring, 8)
+    texts = ["What is moving?", "Describe the scene.", "Is anyone there?", "What colour is it?"]
+
+    def request(text: str) -> GenerationRequest:
+        return GenerationRequest([f.rgb for f in frames], text, 12, 2.0, stream="join", frame_ids=_ids(frames))
+
+    expected = {t: _plain_ids(engine, ring, t, 12) for t in texts}
+    for first, late in ((texts[:1], texts[1:]), (texts[:3], texts[3:])):
+        got: dict[str, list[int]] = {}
+        calls = [0]
+
+        def joiners(room: int, late=late, got=got, calls=calls) -> list[Joiner]:
+            calls[0] += 1
+            if calls[0] != 2:
+                return []
+            return [
+                Joiner(
+                    request(t), lambda p: None, lambda: False, lambda result, t=t: got.__setitem__(t, result.token_ids)
+                )
+                for t in late
+            ]
+
+        n = len(first)
+        results = engine.generate_batch(
+            [request(t) for t in first], [lambda p: None] * n, [lambda: False] * n, joiners=joiners
+        )
+        got.update({t: res.token_ids for t, res in zip(first, results, strict=True)})
+        assert got == expected, (first, late)
+
+
+def _ids(frames) -> tuple:
+    return tuple((f.seq, f.ts) for f in frames)

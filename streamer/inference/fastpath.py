@@ -445,10 +445,12 @@ def decode(
     batch.add(rows)
     while batch.rows:
         batch.choose()
-        if joiners is not None:
-            batch.add(joiners(len(batch.rows)))
         if batch.rows:
             batch.step()
+        # After the step: a newcomer's logits are its own prefill's, its next token is chosen
+        # beside the others' (stepping it too would feed its last prompt token twice).
+        if joiners is not None:
+            batch.add(joiners(len(batch.rows)))
     return batch.peak_bytes
 
 
