@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import websockets
 
-from streamer.bench import start_server
+from streamer.benchmark.servers import start_server, stop_server
 from streamer_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,12 +124,11 @@ def main() -> None:
     args = parser.parse_args()
     log = Path(tempfile.mkdtemp()) / "server.log"
     # Generous per-connection limits: the benchmark measures the server, not its rate limiter.
-    proc, url, _ = start_server(ROOT / "configs" / "demo.yaml", log)
+    server = start_server(["--config", str(ROOT / "configs" / "demo.yaml")], log, timeout=600)
     try:
-        stats = asyncio.run(run(url, args, proc.pid))
+        stats = asyncio.run(run(server.url, args, server.proc.pid))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(server)
     el = stats.elapsed  # type: ignore[attr-defined]
     print(f"clients: {args.watchers} watching previews at {args.preview_fps:g} fps, {args.askers} asking; {el:.0f} s")
     print(f"messages/s received   {stats.messages / el:10.1f}")

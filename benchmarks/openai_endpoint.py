@@ -25,7 +25,7 @@ import openai
 import websockets
 import yaml
 
-from streamer.bench import start_server
+from streamer.benchmark.servers import start_server
 
 
 async def websocket_ttft(ws: websockets.ClientConnection, qid: str, question: str, tokens: int) -> float:

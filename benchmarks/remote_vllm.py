@@ -44,8 +44,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the vLLM launcher the tests use
 
-from streamer.bench import start_server  # noqa: E402
 from streamer.benchmark.clips import write_video  # noqa: E402
+from streamer.benchmark.servers import start_server  # noqa: E402
 from streamer.inference.jpeg_window import encode_jpeg  # noqa: E402
 from streamer.inference.tiny import ensure_tiny_model  # noqa: E402
 from tests.vllm_server import SERVED_NAME, VllmServer, free_port  # noqa: E402
@@ -221,7 +221,8 @@ def run_rounds(
         "server": {"queue_size": max(32, args.asks * 2), "asks_per_minute": 100_000},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    proc, url, port = start_server(work / "config.yaml", work / "streamer.log")
+    server = start_server(["--config", str(work / "config.yaml")], work / "streamer.log", timeout=600)
+    proc, url, port = server.proc, server.url, server.port
     try:
         while (healthz(port)["streams"][0]["frames_buffered"] or 0) < args.frames:
             time.sleep(0.2)

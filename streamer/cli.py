@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return ask_main(argv[1:])
     if argv and argv[0] == "bench":
-        from streamer.bench import main as bench_main
+        from streamer.benchmark.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -234,6 +234,20 @@ class ModelConfig(_Strict):
     batch_window_ms: float = Field(
         default=20.0, ge=0, le=1000, description="how long a starting batch waits for more questions on its window"
     )
+    window_lag_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="a question may take a prepared window whose newest frame is this much older than the newest "
+        "frame (0: always the newest frames); the answer says which frames it used",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=256,
+        ge=0,
+        le=65536,
+        description="prefill in chunks of this many tokens, so questions and cancels "
+        "need not wait for a whole prefill (0: in one pass)",
+    )
     backend: str = Field(
         default="transformers", min_length=1, description="engine: a name in streamer.inference.registry"
     )

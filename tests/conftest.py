@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from streamer.benchmark.servers import ServerProcess, start_server, stop_server
+
 ROOT = Path(__file__).resolve().parent.parent
-BANNER = re.compile(r"is serving on (ws://[\d.]+:(\d+)/ws)")
+__all__ = ["ROOT", "ServerProcess", "start_server", "stop_server"]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -51,63 +47,6 @@ def tiny_model(streamer_cache: Path) -> Path:
     from streamer.inference.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    url: str
-    port: int
-    log_path: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def healthz(self) -> dict:
-        with urllib.request.urlopen(self.http + "/healthz", timeout=5) as r:
-            return json.loads(r.read())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_server(
-    args: list[str],
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 90.0,
-    command: str = "serve",
-    port: int = 0,
-) -> ServerProcess:
-    """Run ``streamer <command> ARGS --port PORT`` and wait for its banner (the bound port)."""
-    log_file = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer.cli", command, *args, "--port", str(port)],
-        cwd=ROOT,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = BANNER.search(log_path.read_text(errors="replace"))
-        if match:
-            return ServerProcess(proc, match.group(1), int(match.group(2)), log_path)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start within {timeout} s:\n{log_path.read_text()}")
-
-
-def stop_server(server: ServerProcess) -> int:
-    server.proc.terminate()
-    try:
-        return server.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        return server.proc.wait()
 
 
 @pytest.fixture(scope="module")

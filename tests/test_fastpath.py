@@ -13,10 +13,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
-from streamer.inference.engine import GenerationRequest, TransformersEngine
+from streamer.inference.engine import GenerationRequest
 from streamer.inference.fastpath import PairEmbedding, PairKey, VisionCache
 from streamer.inference.loader import load_model
 from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed
+from streamer.inference.transformers_engine import TransformersEngine
 from tests.test_inference_loop import RecordingSink
 
 
@@ -133,7 +134,7 @@ def test_idle_loop_encodes_the_window_before_anyone_asks(engine: TransformersEng
             time.sleep(0.05)
         misses = engine.vision_cache.misses
         deadline = time.monotonic() + 20
-        while engine._prefix_key(tuple(keys), 2.0) not in engine.prefix_cache:  # the prefill follows the pairs
+        while engine.fast.prefix_key(tuple(keys), 2.0) not in engine.prefix_cache:  # the prefill follows the pairs
             assert time.monotonic() < deadline, "the idle loop did not prefill the window"
             time.sleep(0.05)
         hits = engine.prefix_cache.hits
@@ -160,23 +161,3 @@ def test_fast_path_matches_when_the_processor_resizes_again(tiny_model: Path) ->
     fast = engine.generate(request, lambda t: None, lambda: False)
     assert engine.vision_cache.misses > 0  # it did take the fast path
     assert fast.token_ids == plain.token_ids
-
-
-def test_prefill_ahead_only_when_the_window_holds_still(tiny_model: Path) -> None:
-    cfg = ModelConfig(id=str(tiny_model))
-    engine = TransformersEngine(load_model(cfg), cfg)
-    frames = _frames(10, seed=11)
-    ids = _ids(frames)
-
-    def warm_all(lo: int, hi: int) -> None:
-        while engine.warm("still", frames[lo:hi], ids[lo:hi], 2.0):
-            pass
-
-    warm_all(0, 8)
-    assert len(engine.prefix_cache) == 1  # a prefill of unknown cost is tried at once
-    engine._last_prefill_s = 0.3  # as if prefills took 0.3 s (a big model on a CPU)
-    warm_all(2, 10)  # the window slid: its new pair is encoded, but no prefill yet
-    assert len(engine.prefix_cache) == 1
-    time.sleep(0.35)  # the window stayed the newest for longer than a prefill takes
-    warm_all(2, 10)
-    assert len(engine.prefix_cache) == 2

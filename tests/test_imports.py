@@ -13,9 +13,10 @@ import sys
 from tests.conftest import ROOT
 
 #: The layers, lowest first: a module may import its own layer and those below it.
-LAYERS = {"config": 0, "capture": 1, "inference": 2, "service": 3, "server": 4, "benchmark": 5, "bench": 5, "cli": 6}
-#: Must import without torch: the vocabulary of asking, the service, and the server's adapters.
+LAYERS = {"config": 0, "capture": 1, "inference": 2, "service": 3, "server": 4, "benchmark": 5, "cli": 6}
+#: Must import without torch: the engine interface, the vocabulary of asking, the service, and the server's adapters.
 TORCH_FREE = [
+    "streamer.inference.engine",
     "streamer.inference.questions",
     "streamer.inference.policy",
     "streamer.inference.registry",

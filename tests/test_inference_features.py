@@ -16,10 +16,11 @@ import websockets
 
 from streamer.benchmark.clips import write_video
 from streamer.config import ModelConfig
-from streamer.inference.engine import Engine, GenerationRequest, TransformersEngine
+from streamer.inference.engine import Engine, GenerationRequest
 from streamer.inference.loader import load_model
 from streamer.inference.reference import reference_generate, reference_inputs
 from streamer.inference.scheduler import FairQueue, Question
+from streamer.inference.transformers_engine import TransformersEngine
 from tests.conftest import ServerProcess
 from tests.inproc import InProcessServer
 from tests.wsclient import ProtocolClient
@@ -54,7 +55,7 @@ class StopPollRecorder(Engine):
     def generate(self, request, on_text, should_stop):
         return self.generate_batch([request], [on_text], [should_stop])[0]
 
-    def generate_batch(self, requests, on_texts, should_stops):
+    def generate_batch(self, requests, on_texts, should_stops, **kwargs):
         def recorded(should_stop):
             def poll() -> bool:
                 stop = should_stop()
@@ -63,7 +64,7 @@ class StopPollRecorder(Engine):
 
             return poll
 
-        return self.inner.generate_batch(requests, on_texts, [recorded(s) for s in should_stops])
+        return self.inner.generate_batch(requests, on_texts, [recorded(s) for s in should_stops], **kwargs)
 
 
 async def test_cancel_stops_generation_within_one_decode_step(tiny_engine: TransformersEngine) -> None:

@@ -12,9 +12,10 @@ import pytest
 
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
-from streamer.inference.engine import Engine, TransformersEngine
+from streamer.inference.engine import Engine
 from streamer.inference.loader import load_model
 from streamer.inference.scheduler import Answer, InferenceLoop, Question, Rejected, StreamFeed, window_of
+from streamer.inference.transformers_engine import TransformersEngine
 
 
 class RecordingSink:

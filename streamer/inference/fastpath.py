@@ -9,9 +9,12 @@ Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
   pair that ends with it ("pair ending at k") and any window ending at the newest frame
   is made of cached pairs;
 - the prompt puts the video before the question, so every question about one window shares
-  the prompt up to ``<|vision_end|>``: :func:`prefill_prefix` prefills that prefix once,
+  the prompt up to ``<|vision_end|>``: :class:`PrefixPrefill` prefills that prefix once (in chunks),
   :func:`decode` repeats its KV cache for each question, prefills each question's own tokens,
-  and decodes all of them as one batch.
+  and decodes all of them as one batch, which rows leave the step they end and new rows
+  about the same prefix join between steps (continuous batching; padding columns between
+  the prefix and each row's question are masked out, so rows of any length and start step
+  share one cache).
 
 Nothing ``generate`` decides is re-derived here: each row's M-RoPE positions come from the
 model's own rope index on that row's whole prompt, and its tokens are chosen by the logits
@@ -216,6 +219,8 @@ class Row:
     decoding: RowDecoding
     on_token: Callable[[int], None]
     should_stop: Callable[[], bool]
+    #: Called once, the step the row ends (its last token decided, or stopped).
+    on_done: Callable[[], None] = lambda: None
     tokens: list[int] = field(default_factory=list)
     done: bool = False
     stopped: bool = False
@@ -317,6 +322,83 @@ class PrefixCache:
             return len(self._items)
 
 
+class PrefixPrefill:
+    """The prefill of a shared prefix (system prompt, video, ``<|vision_end|>``), run in
+    chunks of ``chunk_tokens`` so that other work can go between them: :meth:`step` runs one
+    chunk, :attr:`prefix` is set after the last.
+
+    Positions come from the model's rope index on the prefix alone, which equal the whole
+    prompt's first positions (the index runs left to right); a chunk gets its slice of them,
+    and of the video's embeddings the rows that its ``<|video_pad|>`` tokens take (the model
+    scatters them in order). Attention over the cache plus the chunk is what the whole
+    prefix's causal attention is, so the cache equals the one-pass prefill's (allclose:
+    ``tests/test_continuous.py``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prefix: list[int],
+        video_embeds: torch.Tensor,
+        video_grid_thw: torch.Tensor,
+        video_token_id: int,
+        rope_kwargs: dict[str, Any],
+        chunk_tokens: int = 0,
+    ) -> None:
+        """``chunk_tokens``: tokens per chunk (0: the whole prefix in one)."""
+        from transformers import DynamicCache
+
+        self.model = model
+        self.ids = list(prefix)
+        self._tensor = torch.tensor([prefix], device=model.device)
+        self._video = self._tensor == video_token_id
+        self._embeds = video_embeds
+        self._grid = video_grid_thw
+        self.chunk_tokens = chunk_tokens or len(prefix)
+        with torch.inference_mode():
+            self._positions = rope_positions(model, self._tensor, video_grid_thw, video_token_id, rope_kwargs)
+        self._cache = DynamicCache(config=model.config)
+        self.done_tokens = 0
+        self.prefix: Prefix | None = None
+        #: Logits of the prefix's last token (kept for tests comparing prefills).
+        self.last_logits: torch.Tensor | None = None
+
+    def step(self) -> bool:
+        """Run the next chunk; True once the whole prefix is in the cache."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if self.prefix is not None:
+            return True
+        start, end = self.done_tokens, min(len(self.ids), self.done_tokens + self.chunk_tokens)
+        chunk = self._tensor[:, start:end]
+        video = self._video[:, start:end]
+        kwargs: dict[str, Any] = {}
+        if bool(video.any()):
+            first = int(self._video[:, :start].sum())
+            rows = self._embeds[first : first + int(video.sum())]
+            kwargs = {
+                "mm_token_type_ids": video.to(torch.int) * 2,
+                "video_grid_thw": self._grid,
+                "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=(rows,))},
+            }
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=chunk,
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=chunk.device),
+                position_ids=self._positions[:, None, start:end],
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
+            )
+        self.done_tokens = end
+        if end == len(self.ids):
+            self.last_logits = out.logits[:, -1]
+            self.prefix = Prefix(ids=self.ids, cache=self._cache, bytes=kv_bytes(self._cache))
+            return True
+        return False
+
+
 def prefill_prefix(
     model: Any,
     prefix: list[int],
@@ -325,31 +407,11 @@ def prefill_prefix(
     video_token_id: int,
     rope_kwargs: dict[str, Any],
 ) -> Prefix:
-    """Run the shared prefix (system prompt, video, ``<|vision_end|>``) through the model.
-
-    Its positions come from the model's rope index on the prefix alone, which equal the
-    whole prompt's first positions: the index runs left to right."""
-    from transformers import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    device = model.device
-    prefix_ids = torch.tensor([prefix], device=device)
-    token_types = (prefix_ids == video_token_id).to(torch.int) * 2
-    with torch.inference_mode():
-        positions = rope_positions(model, prefix_ids, video_grid_thw, video_token_id, rope_kwargs)
-        cache = DynamicCache(config=model.config)
-        model(
-            input_ids=prefix_ids,
-            attention_mask=torch.ones_like(prefix_ids),
-            position_ids=positions[:, None, :],
-            mm_token_type_ids=token_types,
-            video_grid_thw=video_grid_thw,
-            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=(video_embeds,))},
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    return Prefix(ids=list(prefix), cache=cache, bytes=kv_bytes(cache))
+    """Run the shared prefix through the model in one pass (see :class:`PrefixPrefill`)."""
+    run = PrefixPrefill(model, prefix, video_embeds, video_grid_thw, video_token_id, rope_kwargs)
+    run.step()
+    assert run.prefix is not None
+    return run.prefix
 
 
 def batch_kv_bytes(prefix: Prefix, rows: int, width: int, new_tokens: int) -> int:
@@ -359,30 +421,72 @@ def batch_kv_bytes(prefix: Prefix, rows: int, width: int, new_tokens: int) -> in
     return int(rows * per_token * (prefix.length + width + new_tokens))
 
 
-def decode(model: Any, prefix: Prefix, rows: list[Row], *, pad_id: int) -> int:
+def decode(
+    model: Any,
+    prefix: Prefix,
+    rows: list[Row],
+    *,
+    pad_id: int,
+    joiners: Callable[[int], list[Row]] | None = None,
+) -> int:
     """Decode every row's answer after the shared ``prefix`` (left untouched); returns the
-    bytes the batch's KV caches held at the end.
+    most bytes the batch's KV caches held.
 
     Row i sees exactly the sequence ``prefix + rows[i].suffix + its own tokens``, at the
-    positions its :class:`Row` gives (padding between rows is masked out), and its tokens
-    are chosen and stopped by its :class:`RowDecoding`, as ``generate`` would for that
-    question alone. Tokens are appended to ``row.tokens`` and reported through
-    ``row.on_token`` as they are decided.
+    positions its :class:`Row` gives (padding between the prefix and each row's question is
+    masked out), and its tokens are chosen and stopped by its :class:`RowDecoding`, as
+    ``generate`` would for that question alone. Tokens are appended to ``row.tokens`` and
+    reported through ``row.on_token`` as they are decided; a row that ends calls
+    ``row.on_done`` at once and leaves the batch. Between steps ``joiners(rows_running)``
+    may hand over new rows about the same prefix: they are prefilled (their own tokens
+    only) and decode from the next step on, beside the others (continuous batching).
     """
-    import copy
+    batch = _Batch(model, prefix, pad_id)
+    batch.add(rows)
+    while batch.rows:
+        batch.choose()
+        if batch.rows:
+            batch.step()
+        # After the step: a newcomer's logits are its own prefill's, its next token is chosen
+        # beside the others' (stepping it too would feed its last prompt token twice).
+        if joiners is not None:
+            batch.add(joiners(len(batch.rows)))
+    return batch.peak_bytes
 
-    device = model.device
-    n = len(rows)
-    with torch.inference_mode():
-        cache = copy.deepcopy(prefix.cache)
+
+class _Batch:
+    """The rows decoding together: one KV cache (a row per question), its attention mask,
+    each row's last logits and next position. Rows join (:meth:`add`) and leave (in
+    :meth:`choose`) between steps."""
+
+    def __init__(self, model: Any, prefix: Prefix, pad_id: int) -> None:
+        self.model = model
+        self.prefix = prefix
+        self.pad_id = pad_id
+        self.device = model.device
+        self.rows: list[Row] = []
+        self.ids: list[torch.Tensor] = []  # per row: its prompt and tokens, as the processors read them
+        self.cache: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.logits: torch.Tensor | None = None
+        self.next_pos = torch.zeros((3, 0), dtype=torch.long, device=self.device)
+        self.peak_bytes = 0
+
+    def add(self, rows: list[Row]) -> None:
+        """Prefill ``rows``' questions after a copy of the prefix and take them into the batch."""
+        import copy
+
+        if not rows:
+            return
+        n, p, device = len(rows), self.prefix.length, self.device
+        cache = copy.deepcopy(self.prefix.cache)
         if n > 1:
             cache.batch_repeat_interleave(n)
-        p = prefix.length
         lengths = [len(r.suffix) for r in rows]
         width = max(lengths)
         # Each row's question ends at the last column (padding, masked out, goes between the
         # shared prefix and the question), so only the last position needs logits.
-        suffix = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+        suffix = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((n, p + width), dtype=torch.long, device=device)
         mask[:, :p] = 1
         pos = torch.zeros((3, n, width), dtype=torch.long, device=device)
@@ -392,40 +496,86 @@ def decode(model: Any, prefix: Prefix, rows: list[Row], *, pad_id: int) -> int:
             mask[i, p + pad :] = 1
             pos[:, i, pad:] = r.positions.to(device)
             pos[:, i, :pad] = r.positions[:, :1].to(device)
-        out = model(
-            input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
-        )
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=suffix, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+            )
         logits = out.logits[:, -1]
         next_pos = torch.stack([r.next_position.to(device) for r in rows], dim=1)  # 3 x n
-        ids = [r.prompt.to(device) for r in rows]
-        step = 0
-        while True:
-            chosen = [pad_id] * n
-            now = time.monotonic()
-            for i, r in enumerate(rows):
-                if r.done:
-                    continue
-                token = next_token(r.decoding, ids[i], logits[i : i + 1])
-                ids[i] = torch.cat([ids[i], token[:, None]], dim=-1)
-                chosen[i] = int(token)
-                r.tokens.append(chosen[i])
-                r.first_token_at = r.first_token_at or now
-                r.on_token(chosen[i])
-                if bool(r.decoding.criteria(ids[i], None).any()):
-                    r.done = True
-                elif r.should_stop():
-                    r.done = r.stopped = True
-            if all(r.done for r in rows):
-                return kv_bytes(cache)
-            step_ids = torch.tensor([[c] for c in chosen], device=device)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=device)], dim=1)
-            out = model(
+        if self.cache is None:
+            self.cache, self.mask, self.logits, self.next_pos = cache, mask, logits, next_pos
+        else:
+            # Pad the shorter side with masked columns right after the prefix, then stack rows.
+            length = max(self.mask.shape[1], mask.shape[1])
+            self.mask = torch.cat([_pad_after(self.mask, p, length), _pad_after(mask, p, length)])
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_pad_after(mine.keys, p, length), _pad_after(theirs.keys, p, length)])
+                mine.values = torch.cat([_pad_after(mine.values, p, length), _pad_after(theirs.values, p, length)])
+            assert self.logits is not None
+            self.logits = torch.cat([self.logits, logits])
+            self.next_pos = torch.cat([self.next_pos, next_pos], dim=1)
+        self.rows.extend(rows)
+        self.ids.extend(r.prompt.to(device) for r in rows)
+        self.peak_bytes = max(self.peak_bytes, kv_bytes(self.cache))
+
+    def choose(self) -> None:
+        """Each row's next token from its logits; rows that end call ``on_done`` and leave."""
+        assert self.logits is not None
+        now = time.monotonic()
+        keep = []
+        for i, r in enumerate(self.rows):
+            token = next_token(r.decoding, self.ids[i], self.logits[i : i + 1])
+            self.ids[i] = torch.cat([self.ids[i], token[:, None]], dim=-1)
+            r.tokens.append(int(token))
+            r.first_token_at = r.first_token_at or now
+            r.on_token(r.tokens[-1])
+            if bool(r.decoding.criteria(self.ids[i], None).any()):
+                r.done = True
+            elif r.should_stop():
+                r.done = r.stopped = True
+            if r.done:
+                r.on_done()
+            else:
+                keep.append(i)
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.rows = [self.rows[i] for i in keep]
+            self.ids = [self.ids[i] for i in keep]
+            self.mask, self.logits = self.mask[index], self.logits[index]
+            self.next_pos = self.next_pos[:, index]
+            if keep:
+                self.cache.batch_select_indices(index)
+            else:  # every row left: rows that join start a batch of their own
+                self.cache = None
+
+    def step(self) -> None:
+        """Run every row's newest token through the model: the next logits."""
+        n = len(self.rows)
+        step_ids = torch.tensor([[ids[0, -1]] for ids in self.ids], device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones((n, 1), dtype=torch.long, device=self.device)], dim=1)
+        with torch.inference_mode():
+            out = self.model(
                 input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=(next_pos + step).unsqueeze(-1),
-                cache=cache,
+                attention_mask=self.mask,
+                position_ids=self.next_pos.unsqueeze(-1),
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            logits = out.logits[:, -1]
-            step += 1
+        self.logits = out.logits[:, -1]
+        self.next_pos = self.next_pos + 1
+        self.peak_bytes = max(self.peak_bytes, kv_bytes(self.cache))
+
+
+def _pad_after(t: torch.Tensor, at: int, length: int) -> torch.Tensor:
+    """``t`` (a mask, rows x columns, or keys/values, rows x heads x columns x dim) with zero
+    columns inserted at column ``at`` up to ``length`` columns."""
+    axis = 1 if t.dim() == 2 else 2
+    missing = length - t.shape[axis]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    zeros = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    head, tail = t.narrow(axis, 0, at), t.narrow(axis, at, t.shape[axis] - at)
+    return torch.cat([head, zeros, tail], dim=axis)

@@ -7,7 +7,11 @@ Guarantees (the order of service is the policy's, see :mod:`streamer.inference.p
   or ``on_error`` (after cancel, supersede, shutdown or an exception alike); every
   :class:`Watch` ends with exactly one ``on_watch_end``;
 - a question is answered from the newest frames of its stream at the moment its
-  inference starts;
+  inference starts, or (``window_lag_s`` > 0) from a better prepared window whose newest
+  frame lags those by at most ``window_lag_s`` (:func:`~streamer.inference.policy.choose_window`);
+  its answer says which frames it used;
+- each answer goes out as soon as its own generation ends, not when its batch's does;
+  questions about a running batch's window join it between decode steps;
 - the loop never waits on a sink: sinks must return at once (the service hands results on
   through its events hub, whose subscribers each have their own queue).
 
@@ -20,14 +24,23 @@ touched under the loop's lock; the engine and the sinks are called outside it, e
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 
 from streamer.capture.ring import Frame
-from streamer.inference.engine import Engine, GenerationRequest, is_out_of_memory
-from streamer.inference.policy import SHUTTING_DOWN, Ended, Job, Policy, Standing, WatchProgress, answer_of
+from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner
+from streamer.inference.policy import (
+    SHUTTING_DOWN,
+    Ended,
+    Job,
+    Policy,
+    Standing,
+    WatchProgress,
+    WindowOption,
+    answer_of,
+    choose_window,
+)
 from streamer.inference.questions import Answer, ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
 
 log = logging.getLogger(__name__)
@@ -80,14 +93,19 @@ class Reports:
 
 
 class Warmer:
-    """Work ahead of questions while the loop is idle: the engine prepares each stream's newest
-    window of ``frames`` frames. A failure is logged and pauses it for a while; questions are
-    not affected."""
+    """Work ahead of questions while the loop is idle: the engine prepares a window of
+    ``frames`` frames of each stream, one short piece per step. It keeps at one window until
+    that is ready or lags the newest frame by more than ``window_lag_s`` (a live window
+    slides on faster than a CPU prefills; questions may take a prepared window that recent),
+    then moves to the newest window that shares the most pairs with it. A failure is logged
+    and pauses it for a while; questions are not affected."""
 
-    def __init__(self, engine: Engine, frames: int) -> None:
+    def __init__(self, engine: Engine, frames: int, window_lag_s: float = 0.0) -> None:
         self.engine = engine
         self.frames = frames
+        self.window_lag_s = window_lag_s
         self._paused_until = 0.0
+        self._targets: dict[str, list[Frame]] = {}
 
     def step(self, streams: Mapping[str, StreamFeed]) -> bool:
         """One piece of work; True if the engine had some."""
@@ -95,14 +113,29 @@ class Warmer:
             return False
         try:
             for name, feed in list(streams.items()):
-                frames = window_of(feed.ring, self.frames)
-                rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
-                if frames and self.engine.warm(name, rgb, ids, feed.sample_fps):
-                    return True
+                for frames in self._windows(name, feed):
+                    rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
+                    if self.engine.warm(name, rgb, ids, feed.sample_fps):
+                        self._targets[name] = frames
+                        return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
             self._paused_until = time.monotonic() + WARM_PAUSE_S
         return False
+
+    def _windows(self, name: str, feed: StreamFeed) -> list[list[Frame]]:
+        """The windows to prepare, in order: the current target while recent enough, then the
+        newest window ending on a frame of the target's parity (its pairs are the target's)."""
+        span = window_of(feed.ring, self.frames + 1)
+        if len(span) < self.frames:
+            return []
+        newest = span[-self.frames :]
+        target = self._targets.get(name)
+        if target is None or self.window_lag_s <= 0 or newest[-1].ts - target[-1].ts > self.window_lag_s:
+            return [newest]
+        if len(span) > self.frames and (newest[-1].seq - target[-1].seq) % 2:
+            newest = span[: self.frames]
+        return [target, newest] if newest[-1].seq != target[-1].seq else [target]
 
 
 class InferenceLoop:
@@ -118,19 +151,23 @@ class InferenceLoop:
         max_batch: int = 1,
         batch_window_s: float = 0.0,
         warm_frames: int = 0,
+        window_lag_s: float = 0.0,
     ) -> None:
         """``max_batch``: questions about the same window answered together (people's asks
         and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for
         questions arriving at nearly the same time. ``warm_frames``: when idle, let the engine
-        prepare the window of that many newest frames of each stream (0: never)."""
+        prepare the window of that many newest frames of each stream (0: never).
+        ``window_lag_s``: how much older than the newest frames a better prepared window a
+        question takes may be (0: always the newest frames)."""
         self.engine = engine
         self.streams: dict[str, StreamFeed] = dict(streams)
         self.batch_window_s = batch_window_s
         self.warm_frames = warm_frames
+        self.window_lag_s = window_lag_s
         self._policy = Policy(self.streams, queue_size=queue_size, max_batch=max_batch)
         self._lock = threading.Condition(threading.Lock())
         self._reports = Reports(self._lock, self._policy)
-        self._warmer = Warmer(engine, warm_frames)
+        self._warmer = Warmer(engine, warm_frames, window_lag_s)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -253,8 +290,9 @@ class InferenceLoop:
                 self._answer(batch)
             except Exception as err:  # the loop outlives any one question
                 log.exception("questions %s failed", [job.id for job in batch])
+                describe = self.engine.describe_failure(err) or f"inference failed: {type(err).__name__}: {err}"
                 for job in batch:
-                    self._reports.failed(job, "internal", _describe_failure(err))
+                    self._reports.failed(job, "internal", describe)
             finally:
                 with self._lock:
                     self._policy.batch_done()
@@ -284,23 +322,85 @@ class InferenceLoop:
         started = time.monotonic()
         first = batch[0].question
         feed = self.streams.get(first.stream)
-        frames = window_of(feed.ring, 1 if first.mode == "image" else first.frames) if feed is not None else []
+        frames, option = self._window(first, feed) if feed is not None else ([], None)
         if feed is None or not frames:
             for job in batch:
                 self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
             return
+        wall = time.time() - time.monotonic()
+
+        def finish(job: Job, at: float) -> Callable[[GenerationResult], None]:
+            def on_result(result: GenerationResult) -> None:
+                if job.stop_code is not None:
+                    self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
+                    return
+                ids = tuple(result.token_ids)
+                done = time.monotonic()
+                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall)
+                self._reports.answered(job, answer)
+
+            return on_result
+
+        def joiners(room: int) -> list[Joiner]:
+            newest = feed.ring.newest_seq
+            with self._lock:
+                lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
+                if lag is None or lag > self.window_lag_s:
+                    return []
+                joined = self._policy.take_joiners(batch[0], room)
+            now = time.monotonic()
+            return [
+                Joiner(request, _text_to(job), _stop_of(job), finish(job, now))
+                for job, request in zip(joined, _requests(joined, frames, feed.sample_fps), strict=True)
+            ]
+
         results = self.engine.generate_batch(
             _requests(batch, frames, feed.sample_fps),
             [_text_to(job) for job in batch],
             [_stop_of(job) for job in batch],
+            on_results=[finish(job, started) for job in batch],
+            joiners=joiners,
         )
-        done = time.monotonic()
-        for job, result in zip(batch, results, strict=True):
-            if job.stop_code is not None:
-                self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
-                continue
-            answer = answer_of(job, result.text, frames, started, result.first_token_at, done, tuple(result.token_ids))
-            self._reports.answered(job, answer)
+        for job, result in zip(batch, results, strict=True):  # those an engine did not report (each ends once)
+            finish(job, started)(result)
+
+    def _window(self, first: Question, feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
+        """The frames ``first``'s batch is answered from (see :func:`choose_window`), and how
+        prepared they were."""
+        n = 1 if first.mode == "image" else first.frames
+        if first.mode == "image":
+            return window_of(feed.ring, n), None
+        extra = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
+        span = window_of(feed.ring, n + extra)
+        windows, options = [], []
+        for end in range(len(span), min(n, len(span)) - 1, -1):
+            window = span[max(0, end - n) : end]
+            lag = span[-1].ts - window[-1].ts
+            if windows and lag > self.window_lag_s:
+                break
+            ready = self.engine.readiness(first.stream, [f.rgb for f in window], _ids(window), feed.sample_fps)
+            windows.append(window)
+            options.append(
+                WindowOption(lag, None, False)
+                if ready is None
+                else WindowOption(lag, ready.missing_pairs, ready.prefix_ready)
+            )
+            if ready is None:
+                break
+        if not windows:
+            return [], None
+        chosen = choose_window(options, self.window_lag_s)
+        return windows[chosen], options[chosen]
+
+
+def _ids(frames: list[Frame]) -> tuple[tuple[int, float], ...]:
+    return tuple((f.seq, f.ts) for f in frames)
+
+
+def _lag(feed: StreamFeed, frames: list[Frame]) -> float | None:
+    """How far ``frames``' newest frame lags the stream's newest, in seconds."""
+    newest = feed.ring.latest(1)
+    return newest[-1].ts - frames[-1].ts if newest else None
 
 
 def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[GenerationRequest]:
@@ -313,7 +413,7 @@ def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[
             sample_fps=sample_fps,
             mode=job.question.mode,
             stream=job.stream,
-            frame_ids=tuple((f.seq, f.ts) for f in frames),
+            frame_ids=_ids(frames),
             sampling=job.question.sampling,
         )
         for job in batch
@@ -332,12 +432,3 @@ def _text_to(job: Job) -> Callable[[str], None]:
 
 def _stop_of(job: Job) -> Callable[[], bool]:
     return lambda: job.stop_code is not None
-
-
-def _describe_failure(err: Exception) -> str:
-    if is_out_of_memory(err):  # the engine has freed what it could
-        # An engine that never imported torch cannot have raised torch's error: don't import it.
-        torch = sys.modules.get("torch")
-        where = "GPU memory" if torch is not None and isinstance(err, torch.OutOfMemoryError) else "memory"
-        return f"inference ran out of {where}; try fewer frames or a smaller max_pixels"
-    return f"inference failed: {type(err).__name__}: {err}"

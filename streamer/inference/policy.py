@@ -19,6 +19,10 @@ Guarantees:
   refuses is skipped too (the gate counts why);
 - a batch is the next question plus, up to ``max_batch``, the waiting questions about the
   same window (stream, mode and frame count), in the order they would have been served;
+  while it decodes, questions that arrive about its window join it (:meth:`Policy.take_joiners`)
+  up to ``max_batch`` running at once;
+- a question takes the newest window unless a window at most ``window_lag_s`` older is
+  better prepared: prefilled, or with fewer pairs still to encode (:func:`choose_window`);
 - :meth:`Policy.finish` says yes once per job, so each question ends exactly once.
 
 Imports nothing heavier than :mod:`streamer.inference.questions`.
@@ -313,6 +317,25 @@ class Policy:
         self.running = batch
         return batch
 
+    def take_joiners(self, first: Job, room: int) -> list[Job]:
+        """Waiting questions that may join the running batch led by ``first`` (same stream,
+        mode and frame count), at most ``room`` and at most ``max_batch`` running at once;
+        they are running from now until :meth:`batch_done`."""
+        if self.stopping:
+            return []
+        running = sum(1 for job in self.running if not job.finished)
+        room = min(room, self.max_batch - running)
+        joined = []
+        for job in list(self.queue.items):
+            if len(joined) >= room:
+                break
+            q = job.question
+            if q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames:
+                self.queue.remove(job)
+                joined.append(job)
+        self.running.extend(joined)
+        return joined
+
     def batch_done(self) -> None:
         self.running = []
 
@@ -386,6 +409,31 @@ class Policy:
         return not self.queue and not self.running
 
 
+@dataclass(frozen=True)
+class WindowOption:
+    """A window a question could take: how far its newest frame lags the stream's newest,
+    and how much of its work is done (``missing_pairs`` None: the engine cannot tell)."""
+
+    lag_s: float
+    missing_pairs: int | None
+    prefix_ready: bool
+
+
+def choose_window(options: list[WindowOption], window_lag_s: float) -> int:
+    """Which of ``options`` (newest first) a question takes: the newest whose prefix is
+    prefilled, else the newest of those with the fewest pairs still to encode; only windows
+    lagging the newest by at most ``window_lag_s`` count. A prepared window answers in a
+    fraction of a prefill, so on a slow machine it is fresher at the first token than the
+    newest frames would be."""
+    allowed = [i for i, o in enumerate(options) if o.lag_s <= window_lag_s and o.missing_pairs is not None]
+    if not allowed:
+        return 0
+    ready = next((i for i in allowed if options[i].prefix_ready), None)
+    if ready is not None:
+        return ready
+    return min(allowed, key=lambda i: (options[i].missing_pairs, i))
+
+
 def answer_of(
     job: Job,
     text: str,
@@ -394,10 +442,16 @@ def answer_of(
     first_token_at: float | None,
     done: float,
     token_ids: tuple[int, ...] = (),
+    readiness: WindowOption | None = None,
+    wall_minus_monotonic: float | None = None,
 ) -> Answer:
     """The answer to ``job`` from its generated text (and ``token_ids``); times are
-    ``time.monotonic()`` values."""
+    ``time.monotonic()`` values; ``wall_minus_monotonic`` turns them into capture times
+    (Unix seconds), for the capture-to-first-token figure."""
     received = job.question.received_at
+    capture = None
+    if first_token_at is not None and wall_minus_monotonic is not None:
+        capture = round((first_token_at + wall_minus_monotonic - frames[-1].ts) * 1000, 1)
     return Answer(
         text=text,
         frames=FrameSpan.of(frames),
@@ -406,4 +460,7 @@ def answer_of(
         total_ms=round((done - received) * 1000, 1),
         matched=job.watch.matches(text) if job.watch is not None else None,
         token_ids=token_ids,
+        capture_to_first_token_ms=capture,
+        pairs_missing=None if readiness is None else readiness.missing_pairs,
+        prefix_ready=None if readiness is None or readiness.missing_pairs is None else readiness.prefix_ready,
     )

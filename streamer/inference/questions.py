@@ -51,6 +51,12 @@ class Answer:
     matched: str | None = None
     #: The generated token ids (the end token included when the answer ended with one).
     token_ids: tuple[int, ...] = ()
+    #: From the capture of the newest frame used to the first token, ms (freshness and speed).
+    capture_to_first_token_ms: float | None = None
+    #: How prepared the window was when the question started: frame pairs not yet encoded,
+    #: and whether its prefix was prefilled (None: the engine prepares nothing ahead).
+    pairs_missing: int | None = None
+    prefix_ready: bool | None = None
 
 
 class AnswerSink(Protocol):

@@ -22,8 +22,8 @@ EngineFactory = Callable[[ModelConfig, Progress | None], "Engine"]
 
 def _transformers(cfg: ModelConfig, progress: Progress | None) -> Engine:
     """The model in this process, with transformers (``from_pretrained``)."""
-    from streamer.inference.engine import TransformersEngine
     from streamer.inference.loader import load_model
+    from streamer.inference.transformers_engine import TransformersEngine
 
     return TransformersEngine(load_model(cfg, progress), cfg)
 

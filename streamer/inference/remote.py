@@ -53,7 +53,7 @@ import openai
 
 from streamer.capture import mask_url
 from streamer.config import ModelConfig
-from streamer.inference.engine import Engine, GenerationRequest, GenerationResult
+from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner
 from streamer.inference.jpeg_window import JpegFrames
 from streamer.inference.questions import Sampling
 
@@ -329,12 +329,19 @@ class RemoteEngine(Engine):
         requests: Sequence[GenerationRequest],
         on_texts: Sequence[Callable[[str], None]],
         should_stops: Sequence[Callable[[], bool]],
+        *,
+        on_results: Sequence[Callable[[GenerationResult], None]] | None = None,
+        joiners: Callable[[int], list[Joiner]] | None = None,
     ) -> list[GenerationResult]:
-        """Send the requests at once (the server batches them) and stream each one's answer."""
+        """Send the requests at once (the server batches them) and stream each one's answer;
+        results go to ``on_results`` when all have ended (``joiners`` are left to the loop)."""
         bodies = [self.request_body(r) for r in requests]
         streams = {r.stream for r in requests}
         stream = streams.pop() if len(streams) == 1 else None
-        return self._loop.run_until_complete(self._batch(stream, bodies, on_texts, should_stops))
+        results = self._loop.run_until_complete(self._batch(stream, bodies, on_texts, should_stops))
+        for on_result, result in zip(on_results or [], results, strict=False):
+            on_result(result)
+        return results
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
         """Encode the newest window's new frames while no question waits (once per window)."""

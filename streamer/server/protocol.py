@@ -245,9 +245,21 @@ def event_message(event: Event) -> dict[str, Any]:
                 "text": a.text,
                 "stream": event.stream,
                 "frames": asdict(a.frames),
-                "timings": {"queued_ms": a.queued_ms, "first_token_ms": a.first_token_ms, "total_ms": a.total_ms},
+                "timings": {
+                    "queued_ms": a.queued_ms,
+                    "first_token_ms": a.first_token_ms,
+                    "total_ms": a.total_ms,
+                    **(
+                        {}
+                        if a.capture_to_first_token_ms is None
+                        else {"capture_to_first_token_ms": a.capture_to_first_token_ms}
+                    ),
+                },
                 "watch": True if event.watch else None,
                 "token_ids": list(a.token_ids),
+                "prepared": None
+                if a.pairs_missing is None
+                else {"pairs_missing": a.pairs_missing, "prefix_ready": a.prefix_ready},
             }
         case Alerted():
             frames = asdict(event.frames)

@@ -1,0 +1,318 @@
+"""The fast path's planning and decoding for the transformers engine.
+
+:class:`FastRunner` turns requests about one window into rows that share the window's
+prefilled prompt prefix (:mod:`streamer.inference.fastpath`), each with what ``generate``
+would do for it (:mod:`streamer.inference.generation`), and prepares windows ahead of
+questions. Called from the inference loop's one thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamer.config import ModelConfig
+from streamer.inference import fastpath
+from streamer.inference.engine import GenerationRequest, GenerationResult, Joiner, Readiness
+from streamer.inference.fastpath import (
+    Prefix,
+    PrefixCache,
+    PrefixPrefill,
+    Row,
+    VisionEncoder,
+    Window,
+    batch_kv_bytes,
+    rope_positions,
+    split_prompt,
+)
+from streamer.inference.generation import row_decoding
+from streamer.inference.loader import LoadedModel
+from streamer.inference.video import chat_messages, processor_inputs
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that never need taking back.
+
+    A piece is released only when the decoded text so far extends what was already
+    released and does not end inside a multi-byte character (``\\ufffd``), so the pieces
+    concatenate to exactly the final text.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._on_text = on_text
+        self.ids: list[int] = []
+        self.text = ""
+
+    def _decoded(self) -> str:
+        return self._tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_ids: list[int]) -> None:
+        self.ids.extend(token_ids)
+        full = self._decoded()
+        if full.startswith(self.text) and not full.endswith("\ufffd"):
+            self._release(full[len(self.text) :])
+
+    def finish(self) -> str:
+        full = self._decoded()
+        if full.startswith(self.text):
+            self._release(full[len(self.text) :])
+        return self.text
+
+    def _release(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self._on_text(piece)
+
+
+class FastRunner:
+    """Answers requests about one window together, sharing its prefilled prefix."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cfg: ModelConfig,
+        vision: VisionEncoder,
+        prefix_cache: PrefixCache,
+        generation: Any,
+        *,
+        fault_shift: int = 0,
+    ) -> None:
+        """``generation``: the merged generation config; ``fault_shift``: a test hook that
+        shifts every row's positions (answers then differ from ``generate``'s)."""
+        self.loaded = loaded
+        self.cfg = cfg
+        self.vision = vision
+        self.prefix_cache = prefix_cache
+        self.generation = generation
+        self.fault_shift = fault_shift
+        self.batch_kv_limit = cfg.batch_kv_mb * 2**20
+        self.batch_kv_bytes = 0
+        #: Prefills under way (resumed by the next warm step or question about their window).
+        self.prefills: dict[Hashable, PrefixPrefill] = {}
+        self._second_per_grid: dict[float, Any] = {}
+        tok = loaded.processor.tokenizer
+        self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
+        self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+
+    def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
+        """One piece of the window's work: its newest missing pair, else one chunk of its
+        prefill; False when it is ready (or cannot take the fast path)."""
+        n = len(frames) - len(frames) % 2
+        frames, ids = frames[-n:], ids[-n:]
+        if self.vision.warm(stream, frames, ids):
+            return True
+        pairs = self.vision.pair_keys(stream, frames, ids)
+        if pairs is None:
+            return False
+        keys = tuple(key for _, key in pairs)
+        if self.prefix_key(keys, sample_fps) in self.prefix_cache:
+            return False
+        window = self.vision.window(stream, frames, ids)
+        assert window is not None  # its pairs are all cached
+        self.prefix_of(window, sample_fps, chunks=1)
+        return True
+
+    def readiness(
+        self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
+    ) -> Readiness | None:
+        pairs = self.vision.pair_keys(stream, frames, ids)
+        if pairs is None:
+            return None
+        keys = tuple(key for _, key in pairs)
+        missing = sum(1 for key in keys if key not in self.vision.cache)
+        return Readiness(missing_pairs=missing, prefix_ready=self.prefix_key(keys, sample_fps) in self.prefix_cache)
+
+    def rope_kwargs(self, sample_fps: float) -> dict[str, Any]:
+        """What the model's rope index needs besides the grid: for Qwen2.5-VL the seconds per
+        temporal patch, taken from the processor's own output for this frame rate (the same
+        call as :func:`processor_inputs`, on a small clip) so the positions equal its."""
+        if sample_fps not in self._second_per_grid:
+            blank = np.zeros((56, 56, 3), dtype=np.uint8)
+            inputs = processor_inputs(
+                self.loaded.processor,
+                [blank, blank],
+                "",
+                sample_fps=sample_fps,
+                min_pixels=self.cfg.min_pixels,
+                max_pixels=self.cfg.max_pixels,
+            )
+            value = inputs.get("second_per_grid_ts")
+            self._second_per_grid[sample_fps] = None if value is None else value.to(self.loaded.device)
+        value = self._second_per_grid[sample_fps]
+        return {} if value is None else {"second_per_grid_ts": value}
+
+    def prefix_key(self, pair_keys: tuple[Hashable, ...], sample_fps: float) -> Hashable:
+        seconds = self.rope_kwargs(sample_fps).get("second_per_grid_ts")
+        return (pair_keys, self.cfg.system_prompt, None if seconds is None else tuple(seconds.tolist()))
+
+    def prefix_of(
+        self,
+        window: Window,
+        sample_fps: float,
+        *,
+        chunks: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Prefix | None:
+        """The prefilled shared prefix of ``window``'s prompt (cached for recent windows),
+        prefilled in chunks of ``model.prefill_chunk_tokens``, resuming one under way; None
+        when it ran ``chunks`` chunks without finishing, or ``should_stop`` said so between
+        two chunks (what was done is kept for the next call)."""
+        key = self.prefix_key(window.keys, sample_fps)
+        prefix = self.prefix_cache.get(key)
+        if prefix is not None:
+            return prefix
+        run = self.prefills.pop(key, None)
+        if run is None:
+            head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
+            embeds = window.embeds.to(self.loaded.dtype)
+            run = PrefixPrefill(
+                self.loaded.model,
+                head,
+                embeds,
+                window.grid,
+                self.video_pad,
+                self.rope_kwargs(sample_fps),
+                chunk_tokens=self.cfg.prefill_chunk_tokens,
+            )
+        ran = 0
+        while not run.step():
+            ran += 1
+            if (chunks is not None and ran >= chunks) or (should_stop is not None and should_stop()):
+                # Keep the newest unfinished prefill only: a live window slides on.
+                self.prefills = {key: run}
+                return None
+        assert run.prefix is not None
+        self.prefix_cache.put(key, run.prefix)
+        return run.prefix
+
+    def prompt_ids(self, question: str, video_tokens: int) -> list[int]:
+        """The whole prompt's token ids, the video's ``video_tokens`` placeholders included,
+        as the processor builds them."""
+        processor = self.loaded.processor
+        prompt = processor.apply_chat_template(
+            chat_messages(question, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
+        )
+        ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        at = ids.index(self.video_pad)
+        return ids[:at] + [self.video_pad] * video_tokens + ids[at + 1 :]
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_texts: Sequence[Callable[[str], None]],
+        should_stops: Sequence[Callable[[], bool]],
+        on_results: Sequence[Callable[[GenerationResult], None]] | None = None,
+        joiners: Callable[[int], list[Joiner]] | None = None,
+    ) -> list[GenerationResult] | None:
+        """Answer ``requests`` (all about one window), each result going to its ``on_results``
+        entry the step it ends, and take in ``joiners`` between steps; None if the window
+        cannot take the fast path (an odd frame count, or a frame size that depends on the
+        window's length)."""
+        first = requests[0]
+        assert first.stream is not None and first.frame_ids is not None
+        window = self.vision.window(first.stream, first.frames, first.frame_ids)
+        if window is None:
+            return None
+        on_results = on_results or [lambda result: None] * len(requests)
+        prefix = self.prefix_of(window, first.sample_fps, should_stop=lambda: all(s() for s in should_stops))
+        if prefix is None:  # every question was cancelled during the prefill
+            results = [GenerationResult("", [], stopped=True, first_token_at=None) for _ in requests]
+            for result, on_result in zip(results, on_results, strict=True):
+                on_result(result)
+            return results
+        results: list[GenerationResult | None] = [None] * len(requests)
+
+        def keep(i: int, on_result: Callable[[GenerationResult], None]) -> Callable[[GenerationResult], None]:
+            def done(result: GenerationResult) -> None:
+                results[i] = result
+                on_result(result)
+
+            return done
+
+        rows = [
+            self._row(window, prefix, r, t, s, keep(i, o))
+            for i, (r, t, s, o) in enumerate(zip(requests, on_texts, should_stops, on_results, strict=True))
+        ]
+        longest = max(r.max_new_tokens for r in requests)
+
+        def join(running: int) -> list[Row]:
+            if joiners is None:
+                return []
+            room = 0
+            while batch_kv_bytes(prefix, running + room + 1, 64, longest) <= self.batch_kv_limit:
+                room += 1
+            joined = joiners(room) if room else []
+            return [self._row(window, prefix, j.request, j.on_text, j.should_stop, j.on_result) for j in joined]
+
+        pad = self.generation.pad_token_id
+        pad_id = pad if pad is not None else (self.loaded.processor.tokenizer.pad_token_id or 0)
+        new_tokens = [r.max_new_tokens for r in requests]
+        for part in self._parts(prefix, rows, new_tokens):
+            self.batch_kv_bytes = fastpath.decode(self.loaded.model, prefix, part, pad_id=pad_id, joiners=join)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _row(
+        self,
+        window: Window,
+        prefix: Prefix,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+        on_result: Callable[[GenerationResult], None],
+    ) -> Row:
+        """One question's row: its prompt and positions (the model's rope index on the whole
+        prompt), its decoding (as ``generate`` builds it) and its result when it ends."""
+        model = self.loaded.model
+        tokenizer = self.loaded.processor.tokenizer
+        ids = self.prompt_ids(request.question, window.embeds.shape[0])
+        head, suffix = split_prompt(ids, self._vision_end)
+        assert head == prefix.ids
+        prompt = torch.tensor([ids], device=self.loaded.device)
+        rope_kwargs = self.rope_kwargs(request.sample_fps)
+        positions = rope_positions(model, prompt, window.grid, self.video_pad, rope_kwargs) + self.fault_shift
+        decoder = IncrementalDecoder(tokenizer, on_text)
+        row = Row(
+            prompt=prompt,
+            suffix=suffix,
+            positions=positions[:, len(head) :],
+            # generate continues each position row from the prompt's last one.
+            next_position=positions[:, -1] + 1,
+            decoding=row_decoding(
+                model,
+                self.generation,
+                prompt,
+                max_new_tokens=request.max_new_tokens,
+                seed=self.cfg.seed,
+                tokenizer=tokenizer,
+            ),
+            on_token=lambda t: decoder.add([t]),
+            should_stop=should_stop,
+        )
+        row.on_done = lambda: on_result(
+            GenerationResult(
+                text=decoder.finish(), token_ids=row.tokens, stopped=row.stopped, first_token_at=row.first_token_at
+            )
+        )
+        return row
+
+    def _parts(self, prefix: Prefix, rows: list[Row], new_tokens: list[int]) -> list[list[Row]]:
+        """``rows`` cut into consecutive batches whose KV caches stay within
+        ``model.batch_kv_mb`` (at least one question each: it needs what ``generate`` needs)."""
+        parts: list[list[Row]] = []
+        longest: list[int] = []  # per part: the most new tokens one of its rows may get
+        for row, new in zip(rows, new_tokens, strict=True):
+            if parts:
+                trial = [*parts[-1], row]
+                width = max(len(r.suffix) for r in trial)
+                if batch_kv_bytes(prefix, len(trial), width, max(longest[-1], new)) <= self.batch_kv_limit:
+                    parts[-1].append(row)
+                    longest[-1] = max(longest[-1], new)
+                    continue
+            parts.append([row])
+            longest.append(new)
+        return parts

@@ -1,0 +1,246 @@
+"""Continuous batching and fine-grained background work, with the tiny model and the loop
+itself: a row's answer goes out the step it ends, a question arriving mid-batch joins at the
+next step with generate's token ids, a cancel during a prefill ends within one chunk, warm-up
+does one chunk per step, and a chunked prefill equals the one-pass prefill."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.capture.ring import RingBuffer
+from streamer.config import ModelConfig
+from streamer.inference.engine import GenerationRequest, Joiner
+from streamer.inference.fastpath import PrefixPrefill, split_prompt
+from streamer.inference.loader import load_model
+from streamer.inference.policy import WindowOption, choose_window
+from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed, Watch, window_of
+from streamer.inference.transformers_engine import TransformersEngine
+from tests.test_inference_loop import RecordingSink
+
+LONG = 1024
+
+
+class Sink(RecordingSink):
+    """Records asks' and watch rounds' events in the order they happen."""
+
+    def on_watch_accepted(self, w: Watch, position: int) -> None:
+        pass
+
+    def on_watch_end(self, w: Watch, code: str, message: str) -> None:
+        pass
+
+    def index(self, kind: str, qid: str, nth: int = 1) -> int | None:
+        """Where the ``nth`` event of ``kind`` about ``qid`` is in the record (None: not yet)."""
+        with self.lock:
+            seen = 0
+            for i, (k, q, _) in enumerate(self.events):
+                if k == kind and q == qid:
+                    seen += 1
+                    if seen == nth:
+                        return i
+        return None
+
+    def wait_for(self, kind: str, qid: str, nth: int = 1, timeout: float = 120) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: self._index_unlocked(kind, qid, nth), timeout), (kind, qid, nth)
+
+    def _index_unlocked(self, kind: str, qid: str, nth: int) -> bool:
+        return sum(1 for k, q, _ in self.events if k == kind and q == qid) >= nth
+
+    def answer(self, qid: str):
+        with self.lock:
+            return next(v for k, q, v in self.events if k == "answer" and q == qid)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> TransformersEngine:
+    cfg = ModelConfig(id=str(tiny_model), prefill_chunk_tokens=32)
+    return TransformersEngine(load_model(cfg), cfg)
+
+
+def _ring(n: int = 8, seed: int = 3) -> RingBuffer:
+    ring = RingBuffer(16)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        ring.push(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    return ring
+
+
+def _ask(qid: str, sink: Sink, tokens: int, text: str = "What is moving?") -> Question:
+    return Question(id=qid, stream="s", text=text, owner=qid, sink=sink, frames=8, max_new_tokens=tokens)
+
+
+def _plain_ids(engine: TransformersEngine, ring: RingBuffer, text: str, tokens: int) -> list[int]:
+    """What ``generate`` answers on the ring's newest 8 frames (the reference for exactness)."""
+    frames = window_of(ring, 8)
+    request = GenerationRequest([f.rgb for f in frames], text, tokens, 2.0, stream="s")
+    return engine._generate_plain(request, lambda t: None, lambda: False).token_ids
+
+
+def test_a_short_round_sharing_a_batch_with_a_long_ask_is_answered_before_the_asks_tenth_token(
+    engine: TransformersEngine,
+) -> None:
+    """A 2-token watch round batched with a 1024-token ask: its answer goes out before the ask's tenth token."""
+    ring = _ring()
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=8, max_batch=4)
+    sink = Sink()
+    loop.submit(_ask("long", sink, LONG))
+    watch = Watch(id="w", stream="s", text="Anyone?", owner="o", sink=sink, every_s=3600, frames=8, max_new_tokens=2)
+    loop.add_watch(watch)  # its first round is due now: both wait when the loop starts, one batch
+    loop.start()
+    try:
+        sink.wait_for("answer", "w")
+        sink.wait_for("token", "long", 10)
+        assert sink.index("answer", "w") < sink.index("token", "long", 10)
+        assert sink.index("answer", "long") is None  # the ask was still decoding
+    finally:
+        loop.cancel("long", "long")
+        loop.stop()
+    assert list(sink.answer("w").token_ids) == _plain_ids(engine, ring, "Anyone?", 2)
+
+
+def test_a_question_arriving_mid_batch_joins_it_and_gets_generates_tokens(engine: TransformersEngine) -> None:
+    """A question about the running batch's window starts before that batch ends; both answers equal generate's."""
+    ring = _ring(seed=4)
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=8, max_batch=4)
+    sink = Sink()
+    loop.start()
+    try:
+        loop.submit(_ask("long", sink, 96, "Describe the scene."))
+        sink.wait_for("token", "long", 3)
+        loop.submit(_ask("late", sink, 8))
+        sink.wait_finals(2, timeout=300)
+    finally:
+        loop.stop()
+    late_first = sink.index("token", "late")
+    assert late_first is not None and late_first < sink.index("answer", "long")
+    assert list(sink.answer("late").token_ids) == _plain_ids(engine, ring, "What is moving?", 8)
+    assert list(sink.answer("long").token_ids) == _plain_ids(engine, ring, "Describe the scene.", 96)
+
+
+def test_a_cancel_during_a_prefill_ends_the_question_within_one_chunk(engine: TransformersEngine) -> None:
+    """Cancelled during the first prefill chunk, the question ends `cancelled` after at most one more forward pass."""
+    ring = _ring(seed=5)
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=8)
+    sink = Sink()
+    passes: list[str] = []
+    cancelled = threading.Event()
+
+    def on_forward(module, args, kwargs) -> None:
+        passes.append("after cancel" if cancelled.is_set() else "before")
+        if not cancelled.is_set():
+            cancelled.set()
+            loop.cancel("c", "c")  # on the inference thread, between the prefill's chunks
+
+    hook = engine.loaded.model.register_forward_pre_hook(on_forward, with_kwargs=True)
+    loop.start()
+    try:
+        loop.submit(_ask("c", sink, 64))
+        sink.wait_finals(1)
+    finally:
+        hook.remove()
+        loop.stop()
+    assert sink.finals() == {"c": ["cancelled"]}
+    assert passes.count("after cancel") <= 1, passes
+    assert not [k for k, q, _ in sink.events if k == "token"]
+
+
+def test_warm_up_does_at_most_one_prefill_chunk_per_step(engine: TransformersEngine) -> None:
+    """Each warm step runs at most one forward pass, so a waiting question waits for one chunk at most."""
+    frames = window_of(_ring(seed=6), 8)
+    rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
+    passes: list[int] = []
+    hook = engine.loaded.model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    steps = 0
+    try:
+        while True:
+            before = len(passes)
+            if not engine.warm("warm", rgb, ids, 2.0):
+                break
+            steps += 1
+            assert len(passes) - before <= 1
+    finally:
+        hook.remove()
+    ready = engine.readiness("warm", rgb, ids, 2.0)
+    assert ready is not None and ready.prefix_ready and ready.missing_pairs == 0
+    assert len(passes) > 2  # the prefill took several chunks
+
+
+def test_a_chunked_prefill_equals_the_one_pass_prefill(engine: TransformersEngine) -> None:
+    """Prefilled in chunks of 7 tokens (boundaries inside the video), the cache and last logits equal one pass's."""
+    frames = window_of(_ring(seed=7), 8)
+    window = engine.vision.window("chunks", [f.rgb for f in frames], [(f.seq, f.ts) for f in frames])
+    assert window is not None
+    fast = engine.fast
+    head, _ = split_prompt(fast.prompt_ids("?", window.embeds.shape[0]), fast._vision_end)
+    runs = []
+    for chunk in (0, 7):
+        run = PrefixPrefill(
+            engine.loaded.model, head, window.embeds, window.grid, fast.video_pad, fast.rope_kwargs(2.0), chunk
+        )
+        while not run.step():
+            pass
+        runs.append(run)
+    one, chunked = runs
+    assert one.prefix is not None and chunked.prefix is not None
+    assert torch.allclose(one.last_logits, chunked.last_logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(one.prefix.cache.layers, chunked.prefix.cache.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(a.values, b.values, atol=1e-4, rtol=1e-4)
+
+
+def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:
+    """Newest prefilled window within window_lag_s, else the newest with the fewest pairs to encode, else the newest."""
+    newest = WindowOption(0.0, 2, False)
+    half = WindowOption(0.5, 1, False)
+    also_half = WindowOption(1.0, 1, False)
+    encoded = WindowOption(1.5, 0, False)
+    prefilled = WindowOption(2.0, 0, True)
+    options = [newest, half, also_half, encoded, prefilled]
+    assert choose_window(options, 2.0) == 4
+    assert choose_window(options, 1.7) == 3
+    assert choose_window(options, 1.2) == 1
+    assert choose_window(options, 0.0) == 0
+    assert choose_window([WindowOption(0.0, None, False)], 5.0) == 0
+
+
+def test_rows_joining_a_running_decode_get_generates_token_ids(engine: TransformersEngine) -> None:
+    """Questions handed over between decode steps (alone or together) get generate's token ids, as do the others."""
+    ring = _ring(seed=8)
+    frames = window_of(ring, 8)
+    texts = ["What is moving?", "Describe the scene.", "Is anyone there?", "What colour is it?"]
+
+    def request(text: str) -> GenerationRequest:
+        return GenerationRequest([f.rgb for f in frames], text, 12, 2.0, stream="join", frame_ids=_ids(frames))
+
+    expected = {t: _plain_ids(engine, ring, t, 12) for t in texts}
+    for first, late in ((texts[:1], texts[1:]), (texts[:3], texts[3:])):
+        got: dict[str, list[int]] = {}
+        calls = [0]
+
+        def joiners(room: int, late=late, got=got, calls=calls) -> list[Joiner]:
+            calls[0] += 1
+            if calls[0] != 2:
+                return []
+            return [
+                Joiner(
+                    request(t), lambda p: None, lambda: False, lambda result, t=t: got.__setitem__(t, result.token_ids)
+                )
+                for t in late
+            ]
+
+        n = len(first)
+        results = engine.generate_batch(
+            [request(t) for t in first], [lambda p: None] * n, [lambda: False] * n, joiners=joiners
+        )
+        got.update({t: res.token_ids for t, res in zip(first, results, strict=True)})
+        assert got == expected, (first, late)
+
+
+def _ids(frames) -> tuple:
+    return tuple((f.seq, f.ts) for f in frames)
