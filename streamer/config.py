@@ -637,6 +637,7 @@ def apply_overrides(
     ``STREAMER_TOKENS`` environment variable (comma-separated) are added too, so they need
     not appear on a command line.
     """
+    # Long on purpose: one branch per command-line flag, in the order `streamer serve --help` lists them.
     env_tokens = [t.strip() for t in os.environ.get("STREAMER_TOKENS", "").split(",") if t.strip()]
     tokens = [*(tokens or []), *env_tokens]
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}

@@ -375,6 +375,7 @@ def run(
     this much (its answers then differ: ``tokens_equal`` must say so).
     ``live_questions``, ``cold_questions``: how many questions the live and cold cases ask
     (0: that case is left out); ``window_lag_s``: the live server's ``model.window_lag_s``."""
+    # Long on purpose: one run's three scenarios read top to bottom, in the order they are measured.
     from streamer.config import ModelConfig
     from streamer.inference.loader import load_model
 

@@ -231,6 +231,7 @@ def build_model_folder(
     downloaded one. ``vocab_size`` (e.g. Qwen2-VL's 151936) pads the tokenizer and sizes the
     embeddings; None: the tokenizer's own size. ``generation`` goes into
     ``generation_config.json`` beside the special tokens (e.g. :data:`INSTRUCT_GENERATION`)."""
+    # Long on purpose: config, tokenizer, weights and marker, in the one order that makes the folder loadable.
     import torch
     from transformers import (
         Qwen2_5_VLConfig,
