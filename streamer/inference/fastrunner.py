@@ -2,8 +2,9 @@
 
 :class:`FastRunner` turns requests about one window into rows that share the window's
 prefilled prompt prefix (:mod:`streamer.inference.fastpath`), each with what ``generate``
-would do for it (:mod:`streamer.inference.generation`), and prepares windows ahead of
-questions. Called from the inference loop's one thread.
+would do for it (:mod:`streamer.inference.generation`); its base :class:`WindowPrefixes`
+builds the prompts, prefills the shared prefixes and prepares windows ahead of questions.
+Called from the inference loop's one thread.
 """
 
 from __future__ import annotations
@@ -68,29 +69,17 @@ class IncrementalDecoder:
             self._on_text(piece)
 
 
-class FastRunner:
-    """Answers requests about one window together, sharing its prefilled prefix."""
+class WindowPrefixes:
+    """Owns a window's prompt and its prefilled shared prefix: the prompt's token ids, the
+    rope index's extra arguments, the prefix cache key, the chunked prefill (resumed across
+    calls), and preparing windows ahead of questions (:meth:`warm`, :meth:`readiness`).
+    :class:`FastRunner` builds on it to decode the rows that share a prefix."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        cfg: ModelConfig,
-        vision: VisionEncoder,
-        prefix_cache: PrefixCache,
-        generation: Any,
-        *,
-        fault_shift: int = 0,
-    ) -> None:
-        """``generation``: the merged generation config; ``fault_shift``: a test hook that
-        shifts every row's positions (answers then differ from ``generate``'s)."""
+    def __init__(self, loaded: LoadedModel, cfg: ModelConfig, vision: VisionEncoder, prefix_cache: PrefixCache) -> None:
         self.loaded = loaded
         self.cfg = cfg
         self.vision = vision
         self.prefix_cache = prefix_cache
-        self.generation = generation
-        self.fault_shift = fault_shift
-        self.batch_kv_limit = cfg.batch_kv_mb * 2**20
-        self.batch_kv_bytes = 0
         #: Prefills under way (resumed by the next warm step or question about their window).
         self.prefills: dict[Hashable, PrefixPrefill] = {}
         self._second_per_grid: dict[float, Any] = {}
@@ -199,6 +188,31 @@ class FastRunner:
         ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         at = ids.index(self.video_pad)
         return ids[:at] + [self.video_pad] * video_tokens + ids[at + 1 :]
+
+
+class FastRunner(WindowPrefixes):
+    """Answers requests about one window together, sharing its prefilled prefix: owns the
+    rows (each question's prompt, positions and decoding), cutting them into batches within
+    ``model.batch_kv_mb``, decoding them and taking in joiners between steps. The prompt and
+    prefix work is :class:`WindowPrefixes`'."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cfg: ModelConfig,
+        vision: VisionEncoder,
+        prefix_cache: PrefixCache,
+        generation: Any,
+        *,
+        fault_shift: int = 0,
+    ) -> None:
+        """``generation``: the merged generation config; ``fault_shift``: a test hook that
+        shifts every row's positions (answers then differ from ``generate``'s)."""
+        super().__init__(loaded, cfg, vision, prefix_cache)
+        self.generation = generation
+        self.fault_shift = fault_shift
+        self.batch_kv_limit = cfg.batch_kv_mb * 2**20
+        self.batch_kv_bytes = 0
 
     def generate(
         self,

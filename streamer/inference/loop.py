@@ -138,9 +138,110 @@ class Warmer:
         return [target, newest] if newest[-1].seq != target[-1].seq else [target]
 
 
+class BatchAnswerer:
+    """Answers one batch on the inference thread: picks the window its questions are about
+    (:meth:`window`), asks the engine, lets questions about that window join between decode
+    steps, and reports each question's answer as its own generation ends. Shares the loop's
+    lock, policy, reports and streams (the loop adds and removes streams in that one dict)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        streams: dict[str, StreamFeed],
+        lock: threading.Condition,
+        policy: Policy,
+        reports: Reports,
+        window_lag_s: float,
+    ) -> None:
+        self.engine = engine
+        self.streams = streams
+        self.window_lag_s = window_lag_s
+        self._lock = lock
+        self._policy = policy
+        self._reports = reports
+
+    def answer(self, batch: list[Job]) -> None:
+        """Answer ``batch`` (questions about one window); each of its questions, and each that
+        joins it, ends exactly once."""
+        started = time.monotonic()
+        first = batch[0].question
+        feed = self.streams.get(first.stream)
+        frames, option = self.window(first, feed) if feed is not None else ([], None)
+        if feed is None or not frames:
+            for job in batch:
+                self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
+            return
+        wall = time.time() - time.monotonic()
+
+        def finish(job: Job, at: float) -> Callable[[GenerationResult], None]:
+            def on_result(result: GenerationResult) -> None:
+                if job.stop_code is not None:
+                    self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
+                    return
+                ids = tuple(result.token_ids)
+                done = time.monotonic()
+                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall)
+                self._reports.answered(job, answer)
+
+            return on_result
+
+        def joiners(room: int) -> list[Joiner]:
+            newest = feed.ring.newest_seq
+            with self._lock:
+                lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
+                if lag is None or lag > self.window_lag_s:
+                    return []
+                joined = self._policy.take_joiners(batch[0], room)
+            now = time.monotonic()
+            return [
+                Joiner(request, _text_to(job), _stop_of(job), finish(job, now))
+                for job, request in zip(joined, _requests(joined, frames, feed.sample_fps), strict=True)
+            ]
+
+        results = self.engine.generate_batch(
+            _requests(batch, frames, feed.sample_fps),
+            [_text_to(job) for job in batch],
+            [_stop_of(job) for job in batch],
+            on_results=[finish(job, started) for job in batch],
+            joiners=joiners,
+        )
+        for job, result in zip(batch, results, strict=True):  # those an engine did not report (each ends once)
+            finish(job, started)(result)
+
+    def window(self, first: Question, feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
+        """The frames ``first``'s batch is answered from (see :func:`choose_window`), and how
+        prepared they were."""
+        n = 1 if first.mode == "image" else first.frames
+        if first.mode == "image":
+            return window_of(feed.ring, n), None
+        extra = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
+        span = window_of(feed.ring, n + extra)
+        windows, options = [], []
+        for end in range(len(span), min(n, len(span)) - 1, -1):
+            window = span[max(0, end - n) : end]
+            lag = span[-1].ts - window[-1].ts
+            if windows and lag > self.window_lag_s:
+                break
+            ready = self.engine.readiness(first.stream, [f.rgb for f in window], _ids(window), feed.sample_fps)
+            windows.append(window)
+            options.append(
+                WindowOption(lag, None, False)
+                if ready is None
+                else WindowOption(lag, ready.missing_pairs, ready.prefix_ready)
+            )
+            if ready is None:
+                break
+        if not windows:
+            return [], None
+        chosen = choose_window(options, self.window_lag_s)
+        return windows[chosen], options[chosen]
+
+
 class InferenceLoop:
-    """Owns the inference thread: takes batches from the policy, runs them through the engine,
-    and reports each question's progress to its sink."""
+    """Owns the inference thread and its control: admits, cancels and stops questions and
+    watches, takes batches from the policy and hands each to its :class:`BatchAnswerer`
+    (which runs it through the engine and reports each question's progress to its sink), and
+    warms windows (:class:`Warmer`) while idle."""
 
     def __init__(
         self,
@@ -168,6 +269,7 @@ class InferenceLoop:
         self._lock = threading.Condition(threading.Lock())
         self._reports = Reports(self._lock, self._policy)
         self._warmer = Warmer(engine, warm_frames, window_lag_s)
+        self._answerer = BatchAnswerer(engine, self.streams, self._lock, self._policy, self._reports, window_lag_s)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -287,7 +389,7 @@ class InferenceLoop:
                             self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
                 continue
             try:
-                self._answer(batch)
+                self._answerer.answer(batch)
             except Exception as err:  # the loop outlives any one question
                 log.exception("questions %s failed", [job.id for job in batch])
                 describe = self.engine.describe_failure(err) or f"inference failed: {type(err).__name__}: {err}"
@@ -317,80 +419,6 @@ class InferenceLoop:
                 if policy.stopping:
                     return None
             return (policy.take_batch() if policy.queue else []), wait
-
-    def _answer(self, batch: list[Job]) -> None:
-        started = time.monotonic()
-        first = batch[0].question
-        feed = self.streams.get(first.stream)
-        frames, option = self._window(first, feed) if feed is not None else ([], None)
-        if feed is None or not frames:
-            for job in batch:
-                self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
-            return
-        wall = time.time() - time.monotonic()
-
-        def finish(job: Job, at: float) -> Callable[[GenerationResult], None]:
-            def on_result(result: GenerationResult) -> None:
-                if job.stop_code is not None:
-                    self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
-                    return
-                ids = tuple(result.token_ids)
-                done = time.monotonic()
-                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall)
-                self._reports.answered(job, answer)
-
-            return on_result
-
-        def joiners(room: int) -> list[Joiner]:
-            newest = feed.ring.newest_seq
-            with self._lock:
-                lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
-                if lag is None or lag > self.window_lag_s:
-                    return []
-                joined = self._policy.take_joiners(batch[0], room)
-            now = time.monotonic()
-            return [
-                Joiner(request, _text_to(job), _stop_of(job), finish(job, now))
-                for job, request in zip(joined, _requests(joined, frames, feed.sample_fps), strict=True)
-            ]
-
-        results = self.engine.generate_batch(
-            _requests(batch, frames, feed.sample_fps),
-            [_text_to(job) for job in batch],
-            [_stop_of(job) for job in batch],
-            on_results=[finish(job, started) for job in batch],
-            joiners=joiners,
-        )
-        for job, result in zip(batch, results, strict=True):  # those an engine did not report (each ends once)
-            finish(job, started)(result)
-
-    def _window(self, first: Question, feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
-        """The frames ``first``'s batch is answered from (see :func:`choose_window`), and how
-        prepared they were."""
-        n = 1 if first.mode == "image" else first.frames
-        if first.mode == "image":
-            return window_of(feed.ring, n), None
-        extra = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
-        span = window_of(feed.ring, n + extra)
-        windows, options = [], []
-        for end in range(len(span), min(n, len(span)) - 1, -1):
-            window = span[max(0, end - n) : end]
-            lag = span[-1].ts - window[-1].ts
-            if windows and lag > self.window_lag_s:
-                break
-            ready = self.engine.readiness(first.stream, [f.rgb for f in window], _ids(window), feed.sample_fps)
-            windows.append(window)
-            options.append(
-                WindowOption(lag, None, False)
-                if ready is None
-                else WindowOption(lag, ready.missing_pairs, ready.prefix_ready)
-            )
-            if ready is None:
-                break
-        if not windows:
-            return [], None
-        chosen = choose_window(options, self.window_lag_s)
-        return windows[chosen], options[chosen]
 
 
 def _ids(frames: list[Frame]) -> tuple[tuple[int, float], ...]:
