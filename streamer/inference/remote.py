@@ -289,6 +289,102 @@ class _Reply:
         )
 
 
+# -- one request: its attempts on the pool's servers and the streaming of each -------------
+# (module-level functions, so that RemoteEngine keeps the Engine side, request building and
+# the batch's orchestration)
+
+
+async def _answer(
+    pool: BackendPool,
+    slot_timeout_s: float,
+    stream: str | None,
+    preferred: list[Backend | None],
+    body: dict[str, Any],
+    reply: _Reply,
+    on_text: Callable[[str], None],
+    should_stop: Callable[[], bool],
+) -> None:
+    """Answer one request of a batch: acquire a server of ``pool`` and stream from it, moving
+    to the next server while attempts fail before the first token."""
+    deadline = time.monotonic() + slot_timeout_s
+    tried: list[Backend] = []
+    while True:
+        backend = await pool.acquire(stream, preferred, tried, deadline)
+        tried.append(backend)
+        try:
+            retry = await _stream(pool, backend, body, reply, on_text, should_stop)
+        except asyncio.CancelledError:
+            backend.outcomes["stopped"] += 1
+            raise
+        finally:
+            backend.in_flight -= 1
+        if not retry:
+            return
+        # Failed before its first token: the next server may answer it.
+        preferred[0] = None
+
+
+async def _stream(
+    pool: BackendPool,
+    backend: Backend,
+    body: dict[str, Any],
+    reply: _Reply,
+    on_text: Callable[[str], None],
+    should_stop: Callable[[], bool],
+) -> bool:
+    """One attempt on ``backend``; True when it failed before the first token and another
+    server may be tried (the failure is then recorded), else done. Raises :class:`RemoteError`."""
+    sent = time.monotonic()
+    finish: str | None = None
+    try:
+        response = await backend.client.chat.completions.create(**body)
+        async with response:
+            async for chunk in response:
+                if should_stop():
+                    reply.stopped = True
+                    backend.outcomes["stopped"] += 1
+                    return False
+                for choice in chunk.choices:
+                    ids = getattr(choice, "token_ids", None) or []
+                    if ids and reply.first_token_at is None:
+                        reply.first_token_at = time.monotonic()
+                        backend.last_first_token_s = reply.first_token_at - sent
+                        backend.first_token_s_sum += backend.last_first_token_s
+                        backend.first_token_count += 1
+                    reply.token_ids.extend(ids)
+                    piece = choice.delta.content if choice.delta is not None else None
+                    if piece:
+                        reply.pieces.append(piece)
+                        on_text(piece)
+                    finish = choice.finish_reason or finish
+                if chunk.usage is not None:
+                    backend.prompt_tokens += chunk.usage.prompt_tokens
+                    details = chunk.usage.prompt_tokens_details
+                    backend.cached_tokens += (details.cached_tokens or 0) if details is not None else 0
+    except openai.APIStatusError as err:
+        if err.status_code < 500 and err.status_code not in _SERVER_FAULT:
+            backend.outcomes["failed"] += 1  # the request's fault: the server stays in
+            raise RemoteError(f"remote server {backend.label} refused the question: {describe(err)}") from None
+        return _attempt_failed(pool, backend, reply, describe(err))
+    except (openai.APIError, httpx2.HTTPError) as err:
+        return _attempt_failed(pool, backend, reply, describe(err))
+    if finish is None:
+        return _attempt_failed(pool, backend, reply, "the answer's stream ended without a finish reason")
+    pool.recovered(backend)
+    backend.outcomes["answered"] += 1
+    return False
+
+
+def _attempt_failed(pool: BackendPool, backend: Backend, reply: _Reply, error: str) -> bool:
+    backend.outcomes["failed"] += 1
+    pool.failed(backend, error)
+    if reply.token_ids or reply.pieces:
+        raise RemoteError(
+            f"remote server {backend.label} failed after {len(reply.token_ids)} tokens of the answer: {error}"
+        )
+    return True
+
+
 class RemoteEngine(Engine):
     """Answers questions with the model served by OpenAI-compatible servers (vLLM); see the
     module's guarantees. The servers need (README, "Remote engine"):
@@ -431,7 +527,9 @@ class RemoteEngine(Engine):
         replies = [_Reply() for _ in bodies]
         preferred: list[Backend | None] = [None]  # the batch's server, chosen by its first request
         tasks = [
-            asyncio.ensure_future(self._request(stream, preferred, body, reply, on_text, should_stop))
+            asyncio.ensure_future(
+                _answer(self.pool, self.cfg.slot_timeout_s, stream, preferred, body, reply, on_text, should_stop)
+            )
             for body, reply, on_text, should_stop in zip(bodies, replies, on_texts, should_stops, strict=True)
         ]
         try:
@@ -456,88 +554,3 @@ class RemoteEngine(Engine):
             for _ in range(3):
                 await asyncio.sleep(0)
         return [reply.result() for reply in replies]
-
-    async def _request(
-        self,
-        stream: str | None,
-        preferred: list[Backend | None],
-        body: dict[str, Any],
-        reply: _Reply,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool],
-    ) -> None:
-        deadline = time.monotonic() + self.cfg.slot_timeout_s
-        tried: list[Backend] = []
-        while True:
-            backend = await self.pool.acquire(stream, preferred, tried, deadline)
-            tried.append(backend)
-            try:
-                retry = await self._stream(backend, body, reply, on_text, should_stop)
-            except asyncio.CancelledError:
-                backend.outcomes["stopped"] += 1
-                raise
-            finally:
-                backend.in_flight -= 1
-            if not retry:
-                return
-            # Failed before its first token: the next server may answer it.
-            preferred[0] = None
-
-    async def _stream(
-        self,
-        backend: Backend,
-        body: dict[str, Any],
-        reply: _Reply,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool],
-    ) -> bool:
-        """One attempt on ``backend``; True when it failed before the first token and another
-        server may be tried (the failure is then recorded), else done. Raises :class:`RemoteError`."""
-        sent = time.monotonic()
-        finish: str | None = None
-        try:
-            response = await backend.client.chat.completions.create(**body)
-            async with response:
-                async for chunk in response:
-                    if should_stop():
-                        reply.stopped = True
-                        backend.outcomes["stopped"] += 1
-                        return False
-                    for choice in chunk.choices:
-                        ids = getattr(choice, "token_ids", None) or []
-                        if ids and reply.first_token_at is None:
-                            reply.first_token_at = time.monotonic()
-                            backend.last_first_token_s = reply.first_token_at - sent
-                            backend.first_token_s_sum += backend.last_first_token_s
-                            backend.first_token_count += 1
-                        reply.token_ids.extend(ids)
-                        piece = choice.delta.content if choice.delta is not None else None
-                        if piece:
-                            reply.pieces.append(piece)
-                            on_text(piece)
-                        finish = choice.finish_reason or finish
-                    if chunk.usage is not None:
-                        backend.prompt_tokens += chunk.usage.prompt_tokens
-                        details = chunk.usage.prompt_tokens_details
-                        backend.cached_tokens += (details.cached_tokens or 0) if details is not None else 0
-        except openai.APIStatusError as err:
-            if err.status_code < 500 and err.status_code not in _SERVER_FAULT:
-                backend.outcomes["failed"] += 1  # the request's fault: the server stays in
-                raise RemoteError(f"remote server {backend.label} refused the question: {describe(err)}") from None
-            return self._attempt_failed(backend, reply, describe(err))
-        except (openai.APIError, httpx2.HTTPError) as err:
-            return self._attempt_failed(backend, reply, describe(err))
-        if finish is None:
-            return self._attempt_failed(backend, reply, "the answer's stream ended without a finish reason")
-        self.pool.recovered(backend)
-        backend.outcomes["answered"] += 1
-        return False
-
-    def _attempt_failed(self, backend: Backend, reply: _Reply, error: str) -> bool:
-        backend.outcomes["failed"] += 1
-        self.pool.failed(backend, error)
-        if reply.token_ids or reply.pieces:
-            raise RemoteError(
-                f"remote server {backend.label} failed after {len(reply.token_ids)} tokens of the answer: {error}"
-            )
-        return True

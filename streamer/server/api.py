@@ -43,6 +43,7 @@ def bearer_ok(runtime: Runtime, request: Request) -> bool:
 
 
 def api_routes(runtime: Runtime) -> list[BaseRoute]:
+    # Long because it defines the route handlers as closures over the runtime.
     def guarded(handler: Callable[[Request, RuleRunner], Awaitable[Response]]) -> Handler:
         async def endpoint(request: Request) -> Response:
             if not bearer_ok(runtime, request):

@@ -10,6 +10,7 @@ Runs on the event loop; the session's events are handed over with ``call_soon_th
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -63,6 +64,9 @@ class RateLimit:
 
 
 class Connection:
+    """One WebSocket client: its life, its messages, its previews and its session's events; the
+    token handshake and publishing are the module-level functions below."""
+
     def __init__(self, websocket: WebSocket, state: ServerState) -> None:
         self.ws = websocket
         self.state = state
@@ -129,7 +133,7 @@ class Connection:
         for published in list(self.state.publishers.active):
             self.follow(published)
         try:
-            if await self._authenticate():
+            if await _authenticate(self):
                 await self._receive_loop(self.session)
         except WebSocketDisconnect:
             pass
@@ -166,37 +170,6 @@ class Connection:
             return None
         return "rate_limited", f"more than {self._rate.per_minute} questions a minute"
 
-    # -- authentication ------------------------------------------------------------------
-
-    async def _authenticate(self) -> bool:
-        if not self.limits.tokens:
-            self._welcome()
-            return True
-        if bearer_token_ok(self.limits, self.ws.headers.get("authorization")):
-            self._welcome()
-            return True
-        try:
-            first = await asyncio.wait_for(self.ws.receive(), timeout=AUTH_TIMEOUT_S)
-        except TimeoutError:
-            return self._refuse("no token: send a 'hello' with 'token' within 5 seconds")
-        if first.get("type") == "websocket.disconnect":
-            return False
-        try:
-            msg = parse_client_message(first.get("text") or first.get("bytes") or b"")
-        except ProtocolError:
-            msg = None
-        if isinstance(msg, Hello) and token_valid(self.limits, msg.token):
-            self._welcome()
-            return True
-        return self._refuse("authentication required: a valid token in 'Authorization: Bearer' or a first 'hello'")
-
-    def _refuse(self, why: str) -> bool:
-        log.warning("connection %d refused: unauthorized", self.id)
-        self.state.metrics.refused.labels("unauthorized").inc()
-        self.outbox.put(protocol.error_message("unauthorized", why))
-        self.outbox.close(CLOSE_POLICY_VIOLATION, "unauthorized")
-        return False
-
     def _welcome(self) -> None:
         runtime = self.runtime
         model = protocol.model_object(runtime.settings.model.id, runtime.model_note)
@@ -210,7 +183,7 @@ class Connection:
             if event["type"] == "websocket.disconnect":
                 return
             if event.get("text") is None:
-                await self._published_frame(event.get("bytes") or b"")
+                await _published_frame(self, event.get("bytes") or b"")
                 continue
             if len(event["text"].encode()) > self.limits.max_message_bytes:  # the socket takes larger frames
                 self.outbox.close(CLOSE_MESSAGE_TOO_BIG, "message too big")  # as the WebSocket itself would
@@ -240,54 +213,12 @@ class Connection:
             case Subscribe():
                 self._subscribe(msg, session)
             case Publish():
-                self._publish(msg)
+                _publish(self, msg)
             case Unpublish():
                 if self.publication is None:
                     self.outbox.put(protocol.error_message("bad_request", "this connection publishes no stream"))
                 else:
-                    self._end_publication("unpublished")
-
-    # -- publishing (extension) ------------------------------------------------------------
-
-    def _publish(self, msg: Publish) -> None:
-        if self.publication is not None:
-            why = f"this connection publishes {self.publication.name!r} already; 'unpublish' first"
-            self.outbox.put(protocol.error_message("bad_request", why))
-            return
-        publishers = self.state.publishers
-        try:
-            self.publication = publishers.open(msg.stream, "websocket", self._publication_hung_up, msg.fps)
-        except PublishError as err:
-            self.outbox.put(protocol.error_message(err.code, err.message))
-            return
-        cfg = publishers.cfg
-        self.outbox.put(
-            protocol.publishing(msg.stream, "open", max_side=cfg.max_side, max_frame_bytes=cfg.max_frame_bytes)
-        )
-
-    def _publication_hung_up(self, reason: str) -> None:  # by the server: idle, shutdown
-        if self.publication is not None:
-            self.outbox.put(protocol.publishing(self.publication.name, "closed", reason))
-            self.publication = None
-
-    def _end_publication(self, reason: str) -> None:
-        assert self.publication is not None
-        publication, self.publication = self.publication, None
-        self.state.publishers.close(publication, reason)
-        self.outbox.put(protocol.publishing(publication.name, "closed", reason))
-
-    async def _published_frame(self, data: bytes) -> None:
-        if self.publication is None:
-            why = "binary frames are accepted from clients only after a 'publish' (then: JPEG frames)"
-            self.outbox.put(protocol.error_message("bad_request", why))
-            return
-        try:
-            rgb = await self.state.publishers.decode_jpeg(data)
-        except PublishError as err:
-            self.outbox.put(protocol.error_message(err.code, err.message))
-            return
-        if self.publication is not None:  # not ended while decoding
-            self.publication.push(rgb)
+                    _end_publication(self, "unpublished")
 
     def _subscribe(self, msg: Subscribe, session: Session) -> None:
         stream = self.runtime.captures.get(msg.stream)
@@ -299,6 +230,91 @@ class Connection:
         key = PreviewKey.of(msg.stream, fps, msg.max_width) if fps > 0 else None
         self.state.previews.follow(self, key, msg.stream)
         self.outbox.put(protocol.stream_status(stream.status()))
+
+
+# -- authentication: the token handshake a connection runs before its messages ----------
+# (module-level functions, so that Connection keeps the socket's life and its messages)
+
+
+async def _authenticate(conn: Connection) -> bool:
+    """Welcome a client with a valid token (none configured, a bearer header or a first
+    'hello' within AUTH_TIMEOUT_S); else refuse it and return False."""
+    if not conn.limits.tokens:
+        conn._welcome()
+        return True
+    if bearer_token_ok(conn.limits, conn.ws.headers.get("authorization")):
+        conn._welcome()
+        return True
+    try:
+        first = await asyncio.wait_for(conn.ws.receive(), timeout=AUTH_TIMEOUT_S)
+    except TimeoutError:
+        return _refuse(conn, "no token: send a 'hello' with 'token' within 5 seconds")
+    if first.get("type") == "websocket.disconnect":
+        return False
+    try:
+        msg = parse_client_message(first.get("text") or first.get("bytes") or b"")
+    except ProtocolError:
+        msg = None
+    if isinstance(msg, Hello) and token_valid(conn.limits, msg.token):
+        conn._welcome()
+        return True
+    return _refuse(conn, "authentication required: a valid token in 'Authorization: Bearer' or a first 'hello'")
+
+
+def _refuse(conn: Connection, why: str) -> bool:
+    log.warning("connection %d refused: unauthorized", conn.id)
+    conn.state.metrics.refused.labels("unauthorized").inc()
+    conn.outbox.put(protocol.error_message("unauthorized", why))
+    conn.outbox.close(CLOSE_POLICY_VIOLATION, "unauthorized")
+    return False
+
+
+# -- publishing (extension): a socket that publishes a stream's frames ------------------
+# (module-level functions on the Connection, whose ``publication`` they open, feed and end)
+
+
+def _publish(conn: Connection, msg: Publish) -> None:
+    if conn.publication is not None:
+        why = f"this connection publishes {conn.publication.name!r} already; 'unpublish' first"
+        conn.outbox.put(protocol.error_message("bad_request", why))
+        return
+    publishers = conn.state.publishers
+    try:
+        conn.publication = publishers.open(
+            msg.stream, "websocket", functools.partial(_publication_hung_up, conn), msg.fps
+        )
+    except PublishError as err:
+        conn.outbox.put(protocol.error_message(err.code, err.message))
+        return
+    cfg = publishers.cfg
+    conn.outbox.put(protocol.publishing(msg.stream, "open", max_side=cfg.max_side, max_frame_bytes=cfg.max_frame_bytes))
+
+
+def _publication_hung_up(conn: Connection, reason: str) -> None:  # by the server: idle, shutdown
+    if conn.publication is not None:
+        conn.outbox.put(protocol.publishing(conn.publication.name, "closed", reason))
+        conn.publication = None
+
+
+def _end_publication(conn: Connection, reason: str) -> None:
+    assert conn.publication is not None
+    publication, conn.publication = conn.publication, None
+    conn.state.publishers.close(publication, reason)
+    conn.outbox.put(protocol.publishing(publication.name, "closed", reason))
+
+
+async def _published_frame(conn: Connection, data: bytes) -> None:
+    if conn.publication is None:
+        why = "binary frames are accepted from clients only after a 'publish' (then: JPEG frames)"
+        conn.outbox.put(protocol.error_message("bad_request", why))
+        return
+    try:
+        rgb = await conn.state.publishers.decode_jpeg(data)
+    except PublishError as err:
+        conn.outbox.put(protocol.error_message(err.code, err.message))
+        return
+    if conn.publication is not None:  # not ended while decoding
+        conn.publication.push(rgb)
 
 
 def _peer(ws: WebSocket) -> str:

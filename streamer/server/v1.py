@@ -256,6 +256,7 @@ class _ClosingStream(StreamingResponse):
 
 def routes(state: ServerState) -> list[BaseRoute]:
     """The ``/v1`` routes, sharing the server's state (tokens, limits, metrics)."""
+    # Long because it defines the route handlers as closures over the shared state.
     runtime = state.runtime
     limits = runtime.settings.server
     rates: dict[str, RateLimit] = {}

@@ -98,6 +98,68 @@ class RuleState:
         }
 
 
+# -- what the runner stores: API rules checked, and the records of rounds and alerts ------
+# (module-level functions, so that RuleRunner keeps running the rules and the recorder)
+
+
+def _validate(service: AskService, body: Any) -> RuleConfig:
+    """A rule from the API (or stored from it) checked: its fields and its stream."""
+    if not isinstance(body, dict):
+        raise RuleError(400, "(body)", "a rule is a JSON object")
+    try:
+        rule = RuleConfig.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(body)"
+        raise RuleError(422, where, first["msg"]) from None
+    if service._source(rule.stream) is None:
+        raise RuleError(422, "stream", f"no stream named {rule.stream!r}")
+    return rule
+
+
+def _round_record(
+    rings: Callable[[str], RingBuffer | None],
+    encode: Callable[[Frame], bytes],
+    state: RuleState,
+    event: Answered,
+    kind: str,
+    matched: str | None,
+) -> EventRecord:
+    """The stored record of a rule's round or alert, with the thumbnail of its last frame."""
+    answer = event.answer
+    return EventRecord(
+        id=new_event_id(),
+        kind=kind,  # type: ignore[arg-type]
+        time=time.time(),
+        stream=event.stream,
+        rule=state.cfg.name,
+        text=answer.text,
+        frames=asdict(answer.frames),  # as the protocol's answer message has them
+        timings={
+            "queued_ms": answer.queued_ms,
+            "first_token_ms": answer.first_token_ms,
+            "total_ms": answer.total_ms,
+        },
+        matched=matched,
+        thumbnail=_thumbnail(rings, encode, event.stream, answer.frames.last_seq),
+    )
+
+
+def _thumbnail(
+    rings: Callable[[str], RingBuffer | None], encode: Callable[[Frame], bytes], stream: str, seq: int
+) -> bytes | None:
+    """The JPEG of frame ``seq`` when the ring still holds it (encoded here, once per event)."""
+    ring = rings(stream)
+    frame = next((f for f in reversed(ring.latest(ring.capacity)) if f.seq == seq), None) if ring else None
+    if frame is None:
+        return None
+    try:
+        return encode(frame)
+    except Exception:
+        log.exception("thumbnail of %s #%d failed", stream, seq)
+        return None
+
+
 class RuleRunner:
     """Runs the rules and records events (see the module's docstring)."""
 
@@ -139,7 +201,7 @@ class RuleRunner:
             self._start_rule(RuleState(rule, "config"))
         for body in self.store.api_rules():
             try:
-                self._start_rule(RuleState(self._validate(body), "api"))
+                self._start_rule(RuleState(_validate(self.service, body), "api"))
             except RuleError as err:  # e.g. its stream is gone from the config
                 log.warning("stored rule %r not started: %s: %s", body.get("name"), err.field, err.message)
 
@@ -190,23 +252,10 @@ class RuleRunner:
 
     # -- the rules API -------------------------------------------------------------------
 
-    def _validate(self, body: Any) -> RuleConfig:
-        if not isinstance(body, dict):
-            raise RuleError(400, "(body)", "a rule is a JSON object")
-        try:
-            rule = RuleConfig.model_validate(body)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(body)"
-            raise RuleError(422, where, first["msg"]) from None
-        if self.service._source(rule.stream) is None:
-            raise RuleError(422, "stream", f"no stream named {rule.stream!r}")
-        return rule
-
     def add(self, body: Any) -> dict[str, Any]:
         """A rule from the API: validated, stored (it comes back after a restart), started.
         Blocks on disk: call it off the event loop."""
-        rule = self._validate(body)
+        rule = _validate(self.service, body)
         with self._lock:
             if rule.name in self.rules:
                 raise RuleError(409, "name", f"there is a rule named {rule.name!r} already")
@@ -270,7 +319,7 @@ class RuleRunner:
         if isinstance(event, Answered):
             state.rounds += 1
             state.last_round = event
-            self._save(self._round_record(state, event, "round", None))
+            self._save(_round_record(self._rings, self._encode, state, event, "round", None))
         elif isinstance(event, Alerted):
             now = time.monotonic()
             if state.last_alert is not None and now - state.last_alert < state.cfg.cooldown_s:
@@ -279,43 +328,12 @@ class RuleRunner:
             state.last_alert = now
             state.alerts += 1
             if state.last_round is not None:
-                self._save(self._round_record(state, state.last_round, "alert", event.matched))
+                self._save(_round_record(self._rings, self._encode, state, state.last_round, "alert", event.matched))
         elif isinstance(event, Failed):
             if event.final:
                 log.warning("rule %s ended: %s: %s", event.id, event.code, event.message)
             else:
                 state.failed += 1
-
-    def _round_record(self, state: RuleState, event: Answered, kind: str, matched: str | None) -> EventRecord:
-        answer = event.answer
-        return EventRecord(
-            id=new_event_id(),
-            kind=kind,  # type: ignore[arg-type]
-            time=time.time(),
-            stream=event.stream,
-            rule=state.cfg.name,
-            text=answer.text,
-            frames=asdict(answer.frames),  # as the protocol's answer message has them
-            timings={
-                "queued_ms": answer.queued_ms,
-                "first_token_ms": answer.first_token_ms,
-                "total_ms": answer.total_ms,
-            },
-            matched=matched,
-            thumbnail=self._thumbnail(event.stream, answer.frames.last_seq),
-        )
-
-    def _thumbnail(self, stream: str, seq: int) -> bytes | None:
-        """The JPEG of frame ``seq`` when the ring still holds it (encoded here, once per event)."""
-        ring = self._rings(stream)
-        frame = next((f for f in reversed(ring.latest(ring.capacity)) if f.seq == seq), None) if ring else None
-        if frame is None:
-            return None
-        try:
-            return self._encode(frame)
-        except Exception:
-            log.exception("thumbnail of %s #%d failed", stream, seq)
-            return None
 
     def _save(self, record: EventRecord) -> None:
         targets = [t for outlet in self.outlets for t in outlet.targets(record)]
