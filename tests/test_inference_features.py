@@ -183,6 +183,9 @@ class FailingOnce(Engine):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return self.inner.generate(request, on_text, should_stop)
 
+    def describe_failure(self, err: BaseException) -> str | None:
+        return self.inner.describe_failure(err)  # the engine says what its own failures mean
+
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model: Path) -> TransformersEngine:

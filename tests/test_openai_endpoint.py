@@ -214,12 +214,12 @@ class GatedEngine(Engine):
     def generate(self, request, on_text, should_stop):
         return self.generate_batch([request], [on_text], [should_stop])[0]
 
-    def generate_batch(self, requests, on_texts, should_stops):
+    def generate_batch(self, requests, on_texts, should_stops, **kwargs):
         self.entered.set()
         while not self.gate.wait(0.02):
             if all(stop() for stop in should_stops):
                 return [GenerationResult("", [], True, None) for _ in requests]
-        return self.inner.generate_batch(requests, on_texts, should_stops)
+        return self.inner.generate_batch(requests, on_texts, should_stops, **kwargs)
 
 
 @pytest.fixture

@@ -180,7 +180,11 @@ class MqttOutlet:
 
     def stop(self) -> None:
         if self.connected:
-            self._client.publish(self.availability, "offline", qos=1, retain=True).wait_for_publish(2)
+            try:
+                self._client.publish(self.availability, "offline", qos=1, retain=True).wait_for_publish(2)
+            except (RuntimeError, ValueError) as err:
+                # The broker went away after we last heard from it: the last will says "offline".
+                log.info("mqtt: could not say offline on stopping (%s)", err)
         self._client.disconnect()
         self._client.loop_stop()
 
