@@ -234,6 +234,13 @@ class ModelConfig(_Strict):
     batch_window_ms: float = Field(
         default=20.0, ge=0, le=1000, description="how long a starting batch waits for more questions on its window"
     )
+    batch_gap_ms: float = Field(
+        default=3.0,
+        ge=0,
+        le=1000,
+        description="a starting batch stops waiting once no question has come for this long (questions sent "
+        "together arrive a few ms apart; a lone question need not wait the whole window)",
+    )
     window_lag_s: float = Field(
         default=0.0,
         ge=0,

@@ -251,18 +251,22 @@ class InferenceLoop:
         queue_size: int,
         max_batch: int = 1,
         batch_window_s: float = 0.0,
+        batch_gap_s: float | None = None,
         warm_frames: int = 0,
         window_lag_s: float = 0.0,
     ) -> None:
         """``max_batch``: questions about the same window answered together (people's asks
         and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for
-        questions arriving at nearly the same time. ``warm_frames``: when idle, let the engine
+        questions arriving at nearly the same time, but no longer than ``batch_gap_s`` after
+        the last question came (None: the whole window). ``warm_frames``: when idle, let the engine
         prepare the window of that many newest frames of each stream (0: never).
         ``window_lag_s``: how much older than the newest frames a better prepared window a
         question takes may be (0: always the newest frames)."""
         self.engine = engine
         self.streams: dict[str, StreamFeed] = dict(streams)
         self.batch_window_s = batch_window_s
+        self.batch_gap_s = batch_window_s if batch_gap_s is None else batch_gap_s
+        self._last_arrival = 0.0  # time.monotonic() of the newest question submitted
         self.warm_frames = warm_frames
         self.window_lag_s = window_lag_s
         self._policy = Policy(self.streams, queue_size=queue_size, max_batch=max_batch)
@@ -296,6 +300,7 @@ class InferenceLoop:
         """Queue a person's ``q`` and return its position (0 = runs now). Raises :class:`Rejected`."""
         with self._lock:
             admission = self._policy.admit(q)
+            self._last_arrival = time.monotonic()
             if admission.refusal is None:
                 # Accepted goes out before the worker can pick the question up.
                 q.sink.on_accepted(q, admission.position)
@@ -412,9 +417,13 @@ class InferenceLoop:
                     break  # work, or idle time to prepare the streams' windows
                 self._lock.wait(wait)
             if policy.wants_more():
-                # Questions sent "together" arrive a few milliseconds apart: let them in.
+                # Questions sent "together" arrive a few milliseconds apart: let them in, while
+                # they keep coming (a lone question waits one gap, not the whole window).
                 deadline = time.monotonic() + self.batch_window_s
-                while policy.wants_more() and (left := deadline - time.monotonic()) > 0:
+                while policy.wants_more():
+                    left = min(deadline, self._last_arrival + self.batch_gap_s) - time.monotonic()
+                    if left <= 0:
+                        break
                     self._lock.wait(left)
                 if policy.stopping:
                     return None

@@ -88,8 +88,12 @@ class FairQueue(Generic[Q]):
             self._served_owner.get((q.stream, q.owner), -1),  # then the owner served least recently
         )  # min() keeps arrival order among equals
 
+    def peek(self) -> Q:
+        """The question :meth:`pop` would return now."""
+        return min(self.items, key=self._rank)
+
     def pop(self) -> Q:
-        q = min(self.items, key=self._rank)
+        q = self.peek()
         self.items.remove(q)
         self._tick += 1
         self._served_stream[q.stream] = self._tick
@@ -320,19 +324,19 @@ class Policy:
     def take_joiners(self, first: Job, room: int) -> list[Job]:
         """Waiting questions that may join the running batch led by ``first`` (same stream,
         mode and frame count), at most ``room`` and at most ``max_batch`` running at once;
-        they are running from now until :meth:`batch_done`."""
+        they are running from now until :meth:`batch_done`. Only the question next in line
+        joins (then the next): a batch that others keep joining must not hold back a question
+        about another stream that the fair order serves first."""
         if self.stopping:
             return []
         running = sum(1 for job in self.running if not job.finished)
         room = min(room, self.max_batch - running)
         joined = []
-        for job in list(self.queue.items):
-            if len(joined) >= room:
+        while len(joined) < room and self.queue:
+            q = self.queue.peek().question
+            if not (q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames):
                 break
-            q = job.question
-            if q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames:
-                self.queue.remove(job)
-                joined.append(job)
+            joined.append(self.queue.pop())
         self.running.extend(joined)
         return joined
 

@@ -68,6 +68,7 @@ class Runtime:
             queue_size=self.settings.server.queue_size,
             max_batch=model.max_batch if model.fast_path else 1,
             batch_window_s=model.batch_window_ms / 1000,
+            batch_gap_s=model.batch_gap_ms / 1000,
             warm_frames=model.frames if model.fast_path and model.prewarm else 0,
             window_lag_s=model.window_lag_s,
         )
