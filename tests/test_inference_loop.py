@@ -279,3 +279,50 @@ def test_a_failing_warm_up_does_not_stop_the_loop(engine: TransformersEngine) ->
         loop.stop()
     assert WarmFails.warm_calls == 1  # failed once, then paused instead of spinning
     assert sink.finals() == {"after-warm-failure": ["answer"]}
+
+
+def test_a_burst_is_one_batch_and_a_lone_question_waits_one_gap_not_the_window(engine: TransformersEngine) -> None:
+    """Questions that keep coming within the gap start as one batch; a lone one starts after
+    one gap, long before the (here huge) batch window ends."""
+
+    sizes: list[int] = []
+
+    class BatchSizes(Engine):
+        note = None
+        model_id = "x"
+
+        def generate(self, request, on_text, should_stop):
+            return self.generate_batch([request], [on_text], [should_stop])[0]
+
+        def generate_batch(self, requests, on_texts, should_stops, **kwargs):
+            sizes.append(len(requests))
+            return engine.generate_batch(requests, on_texts, should_stops, **kwargs)
+
+    window_s = 600.0
+    loop = InferenceLoop(
+        BatchSizes(),  # type: ignore[abstract]
+        {"s": StreamFeed(_filled_ring(), 2.0)},
+        queue_size=8,
+        max_batch=4,
+        batch_window_s=window_s,
+        batch_gap_s=2.0,  # generous: the three submits below come microseconds apart
+    )
+    sink = RecordingSink()
+    loop.start()
+    try:
+        for qid in ("a", "b", "c"):
+            loop.submit(_question(qid, sink, owner=qid))
+        sink.wait_finals(3, timeout=120)
+        deadline = time.monotonic() + 60
+        while not loop.idle():  # else the lone question would join the ending batch
+            assert time.monotonic() < deadline, "the loop never went idle"
+            time.sleep(0.01)
+        lone_from = time.monotonic()
+        loop.submit(_question("lone", sink))
+        sink.wait_finals(4, timeout=120)
+        lone_s = time.monotonic() - lone_from
+    finally:
+        loop.stop()
+    assert sizes == [3, 1]
+    assert set(sink.finals()) == {"a", "b", "c", "lone"} and all(v == ["answer"] for v in sink.finals().values())
+    assert 2.0 <= lone_s < window_s  # it waited its gap (a lower bound), not the window
