@@ -209,8 +209,26 @@ def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:
     assert choose_window([WindowOption(0.0, None, False)], 5.0) == 0
 
 
+@pytest.fixture(scope="module", params=["tiny-random-instruct", "tiny-random-qwen2.5-vl"])
+def sharp_engine(request: pytest.FixtureRequest, streamer_cache: Path) -> TransformersEngine:
+    """A tiny model whose answers depend on token positions (and, for the Instruct one, on a
+    repetition penalty over the whole prompt): a joiner fed its last prompt token twice, or
+    at a shifted position, gets other tokens than generate's."""
+    cfg = ModelConfig(id=request.param, prefill_chunk_tokens=32)
+    return TransformersEngine(load_model(cfg), cfg)
+
+
 def test_rows_joining_a_running_decode_get_generates_token_ids(engine: TransformersEngine) -> None:
     """Questions handed over between decode steps (alone or together) get generate's token ids, as do the others."""
+    _check_joiners(engine)
+
+
+def test_rows_joining_on_a_position_sensitive_model_get_generates_token_ids(sharp_engine: TransformersEngine) -> None:
+    """The same on models that react to positions, so a joiner's prefill or first step being off shows in its tokens."""
+    _check_joiners(sharp_engine)
+
+
+def _check_joiners(engine: TransformersEngine) -> None:
     ring = _ring(seed=8)
     frames = window_of(ring, 8)
     texts = ["What is moving?", "Describe the scene.", "Is anyone there?", "What colour is it?"]
