@@ -300,7 +300,7 @@ def test_a_burst_is_one_batch_and_a_lone_question_waits_one_gap_not_the_window(e
 
     window_s = 600.0
     loop = InferenceLoop(
-        BatchSizes(),  # type: ignore[abstract]
+        BatchSizes(),
         {"s": StreamFeed(_filled_ring(), 2.0)},
         queue_size=8,
         max_batch=4,

@@ -45,3 +45,17 @@ def test_serve_with_an_unknown_backend_exits_2_before_loading_anything(tmp_path:
     )
     assert done.returncode == 2, done.stderr
     assert "model.backend: unknown engine 'nope'" in done.stderr
+
+
+def test_an_engine_that_overrides_neither_generate_nor_generate_batch_says_so() -> None:
+    """generate and generate_batch default to each other: an engine with neither fails clearly, not by recursion."""
+    from streamer.inference.engine import Engine, GenerationRequest
+
+    class Nothing(Engine):
+        model_id = "nothing"
+
+    request = GenerationRequest(frames=[], question="?", max_new_tokens=1, sample_fps=1.0)
+    with pytest.raises(NotImplementedError, match="Nothing overrides neither generate nor generate_batch"):
+        Nothing().generate(request, lambda piece: None, lambda: False)
+    with pytest.raises(NotImplementedError):
+        Nothing().generate_batch([request], [lambda piece: None], [lambda: False])

@@ -9,7 +9,7 @@ module imports no torch (``tests/test_imports.py``).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -71,7 +71,6 @@ class Engine(ABC):
     #: A caveat users must see with every answer (e.g. "random weights"), or None.
     note: str | None = None
 
-    @abstractmethod
     def generate(
         self,
         request: GenerationRequest,
@@ -79,7 +78,11 @@ class Engine(ABC):
         should_stop: Callable[[], bool],
     ) -> GenerationResult:
         """Answer ``request``. ``on_text`` gets pieces whose concatenation is the final text;
-        ``should_stop`` is polled between decode steps."""
+        ``should_stop`` is polled between decode steps. An engine overrides this or
+        :meth:`generate_batch` (each defaults to the other)."""
+        if type(self).generate_batch is Engine.generate_batch:
+            raise NotImplementedError(f"{type(self).__name__} overrides neither generate nor generate_batch")
+        return self.generate_batch([request], [on_text], [should_stop])[0]
 
     def generate_batch(
         self,

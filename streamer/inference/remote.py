@@ -412,14 +412,6 @@ class RemoteEngine(Engine):
 
     # -- Engine ---------------------------------------------------------------------------
 
-    def generate(
-        self,
-        request: GenerationRequest,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool],
-    ) -> GenerationResult:
-        return self.generate_batch([request], [on_text], [should_stop])[0]
-
     def generate_batch(
         self,
         requests: Sequence[GenerationRequest],

@@ -200,14 +200,6 @@ class TransformersEngine(Engine):
             return "questions with their own sampling settings"
         return None
 
-    def generate(
-        self,
-        request: GenerationRequest,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool],
-    ) -> GenerationResult:
-        return self.generate_batch([request], [on_text], [should_stop])[0]
-
     def generate_batch(
         self,
         requests: Sequence[GenerationRequest],
