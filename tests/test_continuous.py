@@ -17,8 +17,9 @@ from streamer.config import ModelConfig
 from streamer.inference.engine import GenerationRequest, Joiner
 from streamer.inference.fastpath import PrefixPrefill, split_prompt
 from streamer.inference.loader import load_model
+from streamer.inference.loop import InferenceLoop
 from streamer.inference.policy import WindowOption, choose_window
-from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed, Watch, window_of
+from streamer.inference.questions import Question, StreamFeed, Watch, window_of
 from streamer.inference.transformers_engine import TransformersEngine
 from tests.test_inference_loop import RecordingSink
 

@@ -19,8 +19,9 @@ from streamer.inference import fastpath
 from streamer.inference.engine import GenerationRequest
 from streamer.inference.fastpath import Prefix, PrefixCache
 from streamer.inference.loader import LoadedModel, load_model
+from streamer.inference.loop import InferenceLoop
+from streamer.inference.questions import Question, StreamFeed
 from streamer.inference.reference import reference_generate, reference_inputs
-from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed
 from streamer.inference.transformers_engine import TransformersEngine
 from streamer.inference.video import processor_inputs
 from tests.test_inference_loop import RecordingSink

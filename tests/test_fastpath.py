@@ -16,7 +16,8 @@ from streamer.config import ModelConfig
 from streamer.inference.engine import GenerationRequest
 from streamer.inference.fastpath import PairEmbedding, PairKey, VisionCache
 from streamer.inference.loader import load_model
-from streamer.inference.scheduler import InferenceLoop, Question, StreamFeed
+from streamer.inference.loop import InferenceLoop
+from streamer.inference.questions import Question, StreamFeed
 from streamer.inference.transformers_engine import TransformersEngine
 from tests.test_inference_loop import RecordingSink
 

@@ -18,8 +18,9 @@ from streamer.benchmark.clips import write_video
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest
 from streamer.inference.loader import load_model
+from streamer.inference.policy import FairQueue
+from streamer.inference.questions import Question
 from streamer.inference.reference import reference_generate, reference_inputs
-from streamer.inference.scheduler import FairQueue, Question
 from streamer.inference.transformers_engine import TransformersEngine
 from tests.conftest import ServerProcess
 from tests.inproc import InProcessServer

@@ -14,7 +14,8 @@ from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine
 from streamer.inference.loader import load_model
-from streamer.inference.scheduler import Answer, InferenceLoop, Question, Rejected, StreamFeed, window_of
+from streamer.inference.loop import InferenceLoop
+from streamer.inference.questions import Answer, Question, Rejected, StreamFeed, window_of
 from streamer.inference.transformers_engine import TransformersEngine
 
 
@@ -206,7 +207,7 @@ class WatchRecorder(RecordingSink):
 def test_watch_rounds_never_pile_up_behind_a_slow_generation(engine: TransformersEngine) -> None:
     """While one round's generation is held up, at most one more round waits; the rounds that
     fall due meanwhile are skipped and counted, and the watch ends exactly once."""
-    from streamer.inference.scheduler import Watch
+    from streamer.inference.questions import Watch
 
     release = threading.Event()
 
