@@ -61,6 +61,19 @@ class ConfigError(ValueError):
     """A configuration could not be read or is invalid; the message says where and why."""
 
 
+def _not_above(low: float, high: float, low_name: str, high_name: str) -> None:
+    """A backoff's first wait may not exceed its longest (both names in the message)."""
+    if low > high:
+        raise ValueError(f"{low_name} must not exceed {high_name}")
+
+
+def _http_url(url: str, example: str = "") -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL{example}")
+    return url
+
+
 class _Strict(BaseModel):
     # A typo in a YAML key must fail loudly instead of silently using a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -100,8 +113,7 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> SourceConfig:
-        if self.backoff_initial_s > self.backoff_max_s:
-            raise ValueError("backoff_initial_s must not exceed backoff_max_s")
+        _not_above(self.backoff_initial_s, self.backoff_max_s, "backoff_initial_s", "backoff_max_s")
         return self
 
     @property
@@ -307,13 +319,10 @@ class ModelConfig(_Strict):
         if self.backend != "openai" and urls:
             raise ValueError("base_url and base_urls are for backend 'openai'")
         for url in urls:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+            _http_url(url, " (e.g. http://127.0.0.1:8000/v1)")
         if len(set(urls)) != len(urls):
             raise ValueError("a server is listed twice in base_url/base_urls")
-        if self.backend_backoff_s > self.backend_backoff_max_s:
-            raise ValueError("backend_backoff_s must not exceed backend_backoff_max_s")
+        _not_above(self.backend_backoff_s, self.backend_backoff_max_s, "backend_backoff_s", "backend_backoff_max_s")
         return self
 
     @property
@@ -506,11 +515,13 @@ class WebhookConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r} is not an http(s) URL")
-        return url
+    def _http(cls, url: str) -> str:
+        return _http_url(url)
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> WebhookConfig:
+        _not_above(self.backoff_initial_s, self.backoff_max_s, "backoff_initial_s", "backoff_max_s")
+        return self
 
 
 class MqttConfig(_Strict):

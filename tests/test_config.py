@@ -111,3 +111,24 @@ def test_bad_flag_values() -> None:
         apply_overrides(DEMO_CONFIG, port=70000)
     with pytest.raises(ConfigError, match="sources"):
         apply_overrides(DEMO_CONFIG, sources=["bad name!=demo"])
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"sources": [{"name": "a", "url": "demo", "backoff_initial_s": 10, "backoff_max_s": 5}]},
+        {
+            "sources": [{"name": "a", "url": "demo"}],
+            "model": {"backend": "openai", "base_url": "http://127.0.0.1:1/v1", "backend_backoff_s": 60},
+        },
+        {
+            "sources": [{"name": "a", "url": "demo"}],
+            "events": {"webhooks": [{"url": "http://127.0.0.1:1/h", "backoff_initial_s": 600, "backoff_max_s": 60}]},
+        },
+    ],
+    ids=["source", "remote-engine", "webhook"],
+)
+def test_a_backoff_whose_first_wait_exceeds_its_longest_is_refused(section: dict) -> None:
+    """Sources, the remote engine and webhooks alike: first wait above the longest is a config error naming both."""
+    with pytest.raises(ConfigError, match="must not exceed"):
+        parse_settings(section)
