@@ -138,7 +138,7 @@ def test_a_cancel_during_a_prefill_ends_the_question_within_one_chunk(engine: Tr
             cancelled.set()
             loop.cancel("c", "c")  # on the inference thread, between the prefill's chunks
 
-    hook = engine.loaded.model.register_forward_pre_hook(on_forward, with_kwargs=True)
+    hook = engine.loaded.model.model.register_forward_pre_hook(on_forward, with_kwargs=True)  # prefill chunks too
     loop.start()
     try:
         loop.submit(_ask("c", sink, 64))
@@ -156,7 +156,8 @@ def test_warm_up_does_at_most_one_prefill_chunk_per_step(engine: TransformersEng
     frames = window_of(_ring(seed=6), 8)
     rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
     passes: list[int] = []
-    hook = engine.loaded.model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    # The decoder wrapper: prefill chunks call it directly, full passes through the LM head.
+    hook = engine.loaded.model.model.register_forward_pre_hook(lambda m, a: passes.append(1))
     steps = 0
     try:
         while True:

@@ -148,16 +148,23 @@ class VisionEncoder:
 
     def encode_pair(self, frames: Sequence[np.ndarray]) -> PairEmbedding:
         """Embeddings of two frames, with the grid the processor gave them."""
-        clip = video_tensor(frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return self.encode_pairs([frames])[0]
+
+    def encode_pairs(self, pairs: Sequence[Sequence[np.ndarray]]) -> list[PairEmbedding]:
+        """Embeddings of several pairs in one pass of the tower (each pair a video of its own:
+        the tower attends within each pair, so this is what one call per pair computes, with
+        larger products; a cold window's pairs are encoded at once, as the reference does)."""
+        clips = [video_tensor(frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels) for frames in pairs]
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-        batch = self.processor.video_processor(videos=[clip], size=size, do_sample_frames=False, return_tensors="pt")
+        batch = self.processor.video_processor(videos=clips, size=size, do_sample_frames=False, return_tensors="pt")
         device = self.model.device
         pixels = batch["pixel_values_videos"].to(device)
         grid = batch["video_grid_thw"].to(device)
         with torch.inference_mode():
             out = self.model.model.get_video_features(pixels, grid)
-        _, grid_h, grid_w = (int(v) for v in grid[0])
-        return PairEmbedding(out.pooler_output[0], grid_h, grid_w)
+        return [
+            PairEmbedding(embeds, int(thw[1]), int(thw[2])) for embeds, thw in zip(out.pooler_output, grid, strict=True)
+        ]
 
     def pair_keys(
         self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable]
@@ -179,15 +186,15 @@ class VisionEncoder:
         pairs = self.pair_keys(stream, frames, ids)
         if pairs is None:
             return None
-        parts: list[PairEmbedding] = []
-        computed = 0
-        for a, key in pairs:
-            emb = self.cache.get(key)
-            if emb is None:
-                emb = self.encode_pair([frames[a], frames[a + 1]])
-                self.cache.put(key, emb)
-                computed += 1
-            parts.append(emb)
+        found = [self.cache.get(key) for _, key in pairs]
+        missing = [i for i, emb in enumerate(found) if emb is None]
+        if missing:
+            encoded = self.encode_pairs([[frames[pairs[i][0]], frames[pairs[i][0] + 1]] for i in missing])
+            for i, emb in zip(missing, encoded, strict=True):
+                self.cache.put(pairs[i][1], emb)
+                found[i] = emb
+        parts = [emb for emb in found if emb is not None]
+        computed = len(missing)
         embeds = torch.cat([p.embeds for p in parts])
         grid = torch.tensor([[len(pairs), parts[0].grid_h, parts[0].grid_w]], device=embeds.device)
         return Window(embeds, grid, computed, tuple(key for _, key in pairs))
@@ -360,8 +367,8 @@ class PrefixPrefill:
         self._cache = DynamicCache(config=model.config)
         self.done_tokens = 0
         self.prefix: Prefix | None = None
-        #: Logits of the prefix's last token (kept for tests comparing prefills).
-        self.last_logits: torch.Tensor | None = None
+        #: The prefix's last hidden state (tests compare prefills by its logits).
+        self.last_hidden: torch.Tensor | None = None
 
     def step(self) -> bool:
         """Run the next chunk; True once the whole prefix is in the cache."""
@@ -381,22 +388,31 @@ class PrefixPrefill:
                 "video_grid_thw": self._grid,
                 "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=(rows,))},
             }
+        # The model without its output projection: nothing reads a prefix's logits, and the
+        # vocabulary-wide product would cost each chunk as much as a decode step.
         with torch.inference_mode():
-            out = self.model(
+            out = self.model.model(
                 input_ids=chunk,
                 attention_mask=torch.ones((1, end), dtype=torch.long, device=chunk.device),
                 position_ids=self._positions[:, None, start:end],
                 cache=self._cache,
                 use_cache=True,
-                logits_to_keep=1,
                 **kwargs,
             )
         self.done_tokens = end
         if end == len(self.ids):
-            self.last_logits = out.logits[:, -1]
+            self.last_hidden = out.last_hidden_state[:, -1:]
             self.prefix = Prefix(ids=self.ids, cache=self._cache, bytes=kv_bytes(self._cache))
             return True
         return False
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """Logits of the prefix's last token (computed on demand: tests compare prefills by them)."""
+        if self.last_hidden is None:
+            return None
+        with torch.inference_mode():
+            return self.model.lm_head(self.last_hidden)[:, -1]
 
 
 def prefill_prefix(
