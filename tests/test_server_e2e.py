@@ -170,8 +170,8 @@ async def test_utf8_questions_pass_through(demo_server: ServerProcess) -> None:
 
 
 async def test_clients_are_served_while_another_answer_streams(demo_server: ServerProcess) -> None:
-    """While one client's long answer streams, others connect, are accepted and queued behind it,
-    the first answer keeps streaming, and once it ends each of the others gets exactly one answer."""
+    """While one client's long answer streams, others connect and are accepted behind it, the
+    first answer keeps streaming, and each of the others gets exactly one answer."""
     first = await _client(demo_server)
     await first.send({"type": "ask", "id": "long", "stream": "demo", "question": "Go on.", "max_new_tokens": 1024})
     await first.recv_type("token")
@@ -189,7 +189,11 @@ async def test_clients_are_served_while_another_answer_streams(demo_server: Serv
     for c in [first, *others]:
         await c.close()
     assert still_streaming["id"] == "long" and long_end[-1]["code"] == "cancelled"
-    assert sorted(a["position"] for a in accepted) == [1, 2]  # queued behind the running answer
+    # Behind the running answer: the first accepted waits at 1; the second at 2, or at 1 when
+    # the first has already joined the running batch (it may, between decode steps, while no
+    # newer frame has come: continuous batching).
+    positions = sorted(a["position"] for a in accepted)
+    assert positions in ([1, 1], [1, 2]), positions
     for i, r in enumerate(results):
         assert [m["type"] for m in r].count("answer") == 1 and r[-1]["type"] == "answer", r
         assert all(m["id"] == f"c{i}" for m in r)
