@@ -191,20 +191,8 @@ def reference_answer(
 
 async def ask_streamer(url: str, question: str, qid: str, new_tokens: int) -> tuple[list[int], str, float, float]:
     """One question over the WebSocket: (token ids, text, ttft_s, total_s)."""
-    async with await Client.connect(url, open_timeout=60) as client:
-        await client.welcome()
-        started = time.perf_counter()
-        first: float | None = None
-        await client.send_ask("bench", question, id=qid, max_new_tokens=new_tokens)
-        async for m in client.messages_of(qid, timeout=None):
-            if m["type"] == "token" and first is None:
-                first = time.perf_counter()
-            elif m["type"] == "answer":
-                end = time.perf_counter()
-                return m["token_ids"], m["text"], (first or end) - started, end - started
-            elif m["type"] == "error":
-                raise RuntimeError(f"streamer answered {m['code']}: {m['message']}")
-    raise RuntimeError(f"the connection closed before question {qid} ended")
+    asked = await _ask_one(url, question, qid, new_tokens)
+    return asked.token_ids, asked.answer["text"], asked.ttft_s, asked.total_s
 
 
 def peak_rss_gib_of(pid: int) -> float:
@@ -225,6 +213,7 @@ class Asked:
     token_ids: list[int]
     ttft_s: float
     answer: dict[str, Any]
+    total_s: float
 
 
 async def _ask_one(url: str, question: str, qid: str, new_tokens: int) -> Asked:
@@ -237,7 +226,8 @@ async def _ask_one(url: str, question: str, qid: str, new_tokens: int) -> Asked:
             if m["type"] == "token" and first is None:
                 first = time.perf_counter()
             elif m["type"] == "answer":
-                return Asked(question, m["token_ids"], (first or time.perf_counter()) - started, m)
+                end = time.perf_counter()
+                return Asked(question, m["token_ids"], (first or end) - started, m, end - started)
             elif m["type"] == "error":
                 raise RuntimeError(f"streamer answered {m['code']}: {m['message']}")
     raise RuntimeError(f"the connection closed before question {qid} ended")
