@@ -6,6 +6,7 @@ does one chunk per step, and a chunked prefill equals the one-pass prefill."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
-from streamer.inference.engine import GenerationRequest, Joiner
+from streamer.inference.engine import Engine, GenerationRequest, Joiner
 from streamer.inference.fastpath import PrefixPrefill, split_prompt
 from streamer.inference.loader import load_model
 from streamer.inference.loop import InferenceLoop
@@ -122,6 +123,47 @@ def test_a_question_arriving_mid_batch_joins_it_and_gets_generates_tokens(engine
     assert late_first is not None and late_first < sink.index("answer", "long")
     assert list(sink.answer("late").token_ids) == _plain_ids(engine, ring, "What is moving?", 8)
     assert list(sink.answer("long").token_ids) == _plain_ids(engine, ring, "Describe the scene.", 96)
+
+
+def test_a_question_that_came_while_the_batch_window_was_newest_joins_it_after_a_newer_frame(
+    engine: TransformersEngine,
+) -> None:
+    """A burst's late ask (in before a newer frame) joins the running batch's window; one after the frame does not."""
+    ring = _ring(seed=6)
+    gate = threading.Event()
+
+    class Gated(Engine):
+        note = None
+        model_id = "x"
+
+        def generate_batch(self, requests, on_texts, should_stops, **kwargs):
+            gate.wait(120)  # the batch has taken its window; hold it while the test adds questions
+            return engine.generate_batch(requests, on_texts, should_stops, **kwargs)
+
+    loop = InferenceLoop(Gated(), {"s": StreamFeed(ring, 2.0)}, queue_size=8, max_batch=4)
+    sink = Sink()
+    loop.start()
+    try:
+        loop.submit(_ask("first", sink, 24, "Describe the scene."))
+        deadline = time.monotonic() + 60
+        while loop.depth():  # until the batch has taken "first" (and its window)
+            assert time.monotonic() < deadline, "the batch never started"
+            time.sleep(0.01)
+        window_ids = _plain_ids(engine, ring, "What is moving?", 8)
+        loop.submit(_ask("same-burst", sink, 8))
+        ring.push(np.random.default_rng(60).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+        newer_ids = _plain_ids(engine, ring, "Anyone?", 8)
+        loop.submit(_ask("after-frame", sink, 8, "Anyone?"))
+        gate.set()
+        sink.wait_finals(3, timeout=300)
+    finally:
+        gate.set()
+        loop.stop()
+    first, burst, after = (sink.answer(q).frames for q in ("first", "same-burst", "after-frame"))
+    assert burst == first and after.last_seq == first.last_seq + 1
+    assert sink.index("token", "same-burst") < sink.index("answer", "first")  # it joined the running batch
+    assert list(sink.answer("same-burst").token_ids) == window_ids
+    assert list(sink.answer("after-frame").token_ids) == newer_ids
 
 
 def test_a_cancel_during_a_prefill_ends_the_question_within_one_chunk(engine: TransformersEngine) -> None:

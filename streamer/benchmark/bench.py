@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,14 @@ class Asked:
     total_s: float
 
 
-async def _ask_one(url: str, question: str, qid: str, new_tokens: int) -> Asked:
+async def _ask_one(
+    url: str, question: str, qid: str, new_tokens: int, ready: Callable[[], Awaitable[object]] | None = None
+) -> Asked:
+    """Ask over a connection of its own (after awaiting ``ready``, when given) and time the answer."""
     async with await Client.connect(url, open_timeout=60) as client:
         await client.welcome()
+        if ready is not None:
+            await ready()
         started = time.perf_counter()
         first: float | None = None
         await client.send_ask("bench", question, id=qid, max_new_tokens=new_tokens)
@@ -324,11 +330,32 @@ def run_cold(sc: Scenario, folder: Path, video: Path, loaded: Any, cfg: Any, *, 
             singles.append(asyncio.run(_ask_one(server.url, QUESTIONS[i % len(QUESTIONS)], f"cold{i}", sc.new_tokens)))
         time.sleep(apart)
 
+        ring = server.runtime.captures["bench"].ring
+
         async def together() -> tuple[list[Asked], float]:
-            started = time.perf_counter()
-            answers = await asyncio.gather(
-                *(_ask_one(server.url, q, f"burst{i}", sc.new_tokens) for i, q in enumerate(QUESTIONS[: sc.clients]))
+            # All connected first, then sent just after a frame is sampled: the burst arrives
+            # within one frame period, so each of its questions has the same newest frame.
+            connected, go = asyncio.Barrier(sc.clients + 1), asyncio.Event()
+
+            async def ready() -> None:
+                await connected.wait()
+                await go.wait()
+
+            asks = asyncio.gather(
+                *(
+                    _ask_one(server.url, q, f"burst{i}", sc.new_tokens, ready)
+                    for i, q in enumerate(QUESTIONS[: sc.clients])
+                )
             )
+            all_in = asyncio.ensure_future(connected.wait())
+            await asyncio.wait({all_in, asks}, return_when=asyncio.FIRST_COMPLETED)
+            if not all_in.done():  # a client failed before it was connected
+                all_in.cancel()
+                await asks
+            await asyncio.to_thread(ring.wait_for_frame_after, ring.newest_seq, 30.0)
+            started = time.perf_counter()
+            go.set()
+            answers = await asks
             return list(answers), time.perf_counter() - started
 
         burst, wall = asyncio.run(together())

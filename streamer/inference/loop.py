@@ -8,8 +8,10 @@ Guarantees (the order of service is the policy's, see :mod:`streamer.inference.p
   :class:`Watch` ends with exactly one ``on_watch_end``;
 - a question is answered from the newest frames of its stream at the moment its
   inference starts, or (``window_lag_s`` > 0) from a better prepared window whose newest
-  frame lags those by at most ``window_lag_s`` (:func:`~streamer.inference.policy.choose_window`);
-  its answer says which frames it used;
+  frame lags those by at most ``window_lag_s`` (:func:`~streamer.inference.policy.choose_window`),
+  or, joining a running batch, from that batch's window if it was the newest when the
+  question arrived; never from frames older than the newest at its arrival beyond
+  ``window_lag_s``; its answer says which frames it used;
 - each answer goes out as soon as its own generation ends, not when its batch's does;
   questions about a running batch's window join it between decode steps;
 - the loop never waits on a sink: sinks must return at once (the service hands results on
@@ -187,11 +189,16 @@ class BatchAnswerer:
 
         def joiners(room: int) -> list[Joiner]:
             newest = feed.ring.newest_seq
+            lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
+            recent = lag is not None and lag <= self.window_lag_s
+
+            def fresh_enough(job: Job) -> bool:
+                # The window is one it could start on now, or it was the newest when the
+                # question came (a burst whose last ask arrived during the first's prefill).
+                return recent or (job.received_seq is not None and job.received_seq <= frames[-1].seq)
+
             with self._lock:
-                lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
-                if lag is None or lag > self.window_lag_s:
-                    return []
-                joined = self._policy.take_joiners(batch[0], room)
+                joined = self._policy.take_joiners(batch[0], room, fresh_enough)
             now = time.monotonic()
             return [
                 Joiner(request, _text_to(job), _stop_of(job), finish(job, now))

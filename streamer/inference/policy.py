@@ -321,20 +321,23 @@ class Policy:
         self.running = batch
         return batch
 
-    def take_joiners(self, first: Job, room: int) -> list[Job]:
+    def take_joiners(self, first: Job, room: int, fresh_enough: Callable[[Job], bool]) -> list[Job]:
         """Waiting questions that may join the running batch led by ``first`` (same stream,
-        mode and frame count), at most ``room`` and at most ``max_batch`` running at once;
-        they are running from now until :meth:`batch_done`. Only the question next in line
-        joins (then the next): a batch that others keep joining must not hold back a question
-        about another stream that the fair order serves first."""
+        mode and frame count, and ``fresh_enough``: its window is one the question may be
+        answered from), at most ``room`` and at most ``max_batch`` running at once; they are
+        running from now until :meth:`batch_done`. Only the question next in line joins (then
+        the next): a batch that others keep joining must not hold back a question about
+        another stream that the fair order serves first."""
         if self.stopping:
             return []
         running = sum(1 for job in self.running if not job.finished)
         room = min(room, self.max_batch - running)
         joined = []
         while len(joined) < room and self.queue:
-            q = self.queue.peek().question
-            if not (q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames):
+            job = self.queue.peek()
+            q = job.question
+            same = q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames
+            if not (same and fresh_enough(job)):
                 break
             joined.append(self.queue.pop())
         self.running.extend(joined)
