@@ -24,6 +24,9 @@ from streamer.inference.questions import Question, StreamFeed, Watch, window_of
 from streamer.inference.transformers_engine import TransformersEngine
 from tests.test_inference_loop import RecordingSink
 
+# The model-level checks (tiny models): the full suite, not the quick loop.
+pytestmark = pytest.mark.slow
+
 LONG = 1024
 
 

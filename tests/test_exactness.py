@@ -26,6 +26,9 @@ from streamer.inference.transformers_engine import TransformersEngine
 from streamer.inference.video import processor_inputs
 from tests.test_inference_loop import RecordingSink
 
+# The model-level checks (tiny models): the full suite, not the quick loop.
+pytestmark = pytest.mark.slow
+
 QUESTIONS = ["What is moving?", "视频里有什么在动？", "Describe the scene in front of the camera in detail, please."]
 
 

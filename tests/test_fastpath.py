@@ -21,6 +21,9 @@ from streamer.inference.questions import Question, StreamFeed
 from streamer.inference.transformers_engine import TransformersEngine
 from tests.test_inference_loop import RecordingSink
 
+# The model-level checks (tiny models): the full suite, not the quick loop.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> TransformersEngine:

@@ -282,6 +282,7 @@ def test_a_failing_warm_up_does_not_stop_the_loop(engine: TransformersEngine) ->
     assert sink.finals() == {"after-warm-failure": ["answer"]}
 
 
+@pytest.mark.slow
 def test_a_burst_is_one_batch_and_a_lone_question_waits_one_gap_not_the_window(engine: TransformersEngine) -> None:
     """Questions that keep coming within the gap start as one batch; a lone one starts after
     one gap, long before the (here huge) batch window ends."""

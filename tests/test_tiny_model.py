@@ -68,6 +68,7 @@ def test_load_errors_are_clear(tmp_path: Path) -> None:
         load_model(ModelConfig(id="tiny-random", attn_implementation="flash_attention_2", device="cpu"))
 
 
+@pytest.mark.slow
 def test_serve_with_unreachable_hub_model_exits_with_a_clear_error(streamer_cache: Path) -> None:
     # HF_HUB_OFFLINE must be set before huggingface_hub is imported: use a fresh process.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
