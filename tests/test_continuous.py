@@ -256,6 +256,17 @@ def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:
     assert choose_window([WindowOption(0.0, None, False)], 5.0) == 0
 
 
+def test_a_prefilled_window_that_was_newest_when_asked_is_taken_beyond_the_lag() -> None:
+    """A late ask keeps to its burst's window (prefilled, the newest when asked) even with no lag allowed."""
+    newest = WindowOption(0.0, 1, False, since_asked=True)
+    asked_on = WindowOption(0.5, 0, True, since_asked=True)
+    older = WindowOption(1.0, 0, True, since_asked=False)
+    assert choose_window([newest, asked_on, older], 0.0) == 1
+    assert choose_window([newest, WindowOption(0.5, 0, False, since_asked=True)], 0.0) == 0  # not prefilled: newest
+    assert choose_window([newest, older], 0.0) == 0  # older than the ask: never beyond the lag
+    assert choose_window([newest, older], 1.0) == 1
+
+
 @pytest.fixture(scope="module", params=["tiny-random-instruct", "tiny-random-qwen2.5-vl"])
 def sharp_engine(request: pytest.FixtureRequest, streamer_cache: Path) -> TransformersEngine:
     """A tiny model whose answers depend on token positions (and, for the Instruct one, on a

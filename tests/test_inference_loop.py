@@ -328,3 +328,51 @@ def test_a_burst_is_one_batch_and_a_lone_question_waits_one_gap_not_the_window(e
     assert sizes == [3, 1]
     assert set(sink.finals()) == {"a", "b", "c", "lone"} and all(v == ["answer"] for v in sink.finals().values())
     assert 2.0 <= lone_s < window_s  # it waited its gap (a lower bound), not the window
+
+
+@pytest.mark.slow
+def test_an_ask_that_starts_after_its_bursts_batch_keeps_that_prefilled_window(engine: TransformersEngine) -> None:
+    """An ask that arrived while its burst's window was the newest keeps that window (prefilled)
+    even if it starts after a newer frame came; an ask that arrives after the frame takes it."""
+    release, held = threading.Event(), threading.Event()
+
+    class HeldAfterFirst(Engine):
+        note = None
+        model_id = "x"
+        calls = 0
+
+        def generate(self, request, on_text, should_stop):
+            return self.generate_batch([request], [on_text], [should_stop])[0]
+
+        def generate_batch(self, requests, on_texts, should_stops, **kwargs):
+            results = engine.generate_batch(requests, on_texts, should_stops, **{**kwargs, "joiners": None})
+            HeldAfterFirst.calls += 1
+            if HeldAfterFirst.calls == 1:  # the first batch's answer is out; its window is prefilled
+                held.set()
+                assert release.wait(60), "the test never released the first batch"
+            return results
+
+        def readiness(self, stream, frames, ids, sample_fps):
+            return engine.readiness(stream, frames, ids, sample_fps)
+
+    ring = _filled_ring(8)
+    loop = InferenceLoop(HeldAfterFirst(), {"s": StreamFeed(ring, 2.0)}, queue_size=4, max_batch=4)  # type: ignore[arg-type]
+    sink = RecordingSink()
+    loop.start()
+    try:
+        loop.submit(_question("first", sink, owner="a"))
+        assert held.wait(120), "the first batch never ran"
+        loop.submit(_question("late", sink, owner="b"))  # arrives while frame 7 is the newest
+        ring.push(np.random.default_rng(99).integers(0, 256, (336, 448, 3), dtype=np.uint8))
+        release.set()
+        sink.wait_finals(2, timeout=120)
+        loop.submit(_question("after", sink, owner="c"))  # arrives after frame 8 came
+        sink.wait_finals(3, timeout=120)
+    finally:
+        release.set()
+        loop.stop()
+    answers = {qid: value for kind, qid, value in sink.events if kind == "answer"}
+    assert set(answers) == {"first", "late", "after"}
+    assert answers["first"].frames.last_seq == answers["late"].frames.last_seq == 7  # type: ignore[attr-defined]
+    assert answers["after"].frames.last_seq == 8  # type: ignore[attr-defined]
+    assert answers["late"].prefix_ready is True  # type: ignore[attr-defined]

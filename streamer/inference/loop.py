@@ -9,9 +9,9 @@ Guarantees (the order of service is the policy's, see :mod:`streamer.inference.p
 - a question is answered from the newest frames of its stream at the moment its
   inference starts, or (``window_lag_s`` > 0) from a better prepared window whose newest
   frame lags those by at most ``window_lag_s`` (:func:`~streamer.inference.policy.choose_window`),
-  or, joining a running batch, from that batch's window if it was the newest when the
-  question arrived; never from frames older than the newest at its arrival beyond
-  ``window_lag_s``; its answer says which frames it used;
+  or from a window that was the newest when the question arrived and is prefilled already
+  (a running batch's, which it joins, or one just answered); never from frames older than
+  the newest at its arrival beyond ``window_lag_s``; its answer says which frames it used;
 - each answer goes out as soon as its own generation ends, not when its batch's does;
   questions about a running batch's window join it between decode steps;
 - the loop never waits on a sink: sinks must return at once (the service hands results on
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: How often an idle loop with warming enabled looks for new frames, seconds.
 WARM_POLL_S = 0.2
+#: How many windows older than the newest a batch looks back on for one that was the newest
+#: when its questions arrived and is already prefilled.
+MAX_ASKED_WINDOWS = 8
 #: How long warming pauses after it failed, seconds.
 WARM_PAUSE_S = 30.0
 _STOP_REASONS = {"cancelled": "cancelled by the client", "shutting_down": SHUTTING_DOWN[1]}
@@ -168,7 +171,7 @@ class BatchAnswerer:
         started = time.monotonic()
         first = batch[0].question
         feed = self.streams.get(first.stream)
-        frames, option = self.window(first, feed) if feed is not None else ([], None)
+        frames, option = self.window(batch, feed) if feed is not None else ([], None)
         if feed is None or not frames:
             for job in batch:
                 self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
@@ -215,26 +218,34 @@ class BatchAnswerer:
         for job, result in zip(batch, results, strict=True):  # those an engine did not report (each ends once)
             finish(job, started)(result)
 
-    def window(self, first: Question, feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
-        """The frames ``first``'s batch is answered from (see :func:`choose_window`), and how
-        prepared they were."""
+    def window(self, batch: list[Job], feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
+        """The frames ``batch`` is answered from (see :func:`choose_window`), and how prepared
+        they were."""
+        first = batch[0].question
         n = 1 if first.mode == "image" else first.frames
         if first.mode == "image":
             return window_of(feed.ring, n), None
+        # The newest frame when the batch's last question arrived: windows ending on it or
+        # later were "now" for every question of the batch.
+        asked = max((job.received_seq for job in batch if job.received_seq is not None), default=None)
+        newest_seq = feed.ring.newest_seq
         extra = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
+        if asked is not None and newest_seq is not None:
+            extra = max(extra, min(newest_seq - asked, MAX_ASKED_WINDOWS))
         span = window_of(feed.ring, n + extra)
         windows, options = [], []
         for end in range(len(span), min(n, len(span)) - 1, -1):
             window = span[max(0, end - n) : end]
             lag = span[-1].ts - window[-1].ts
-            if windows and lag > self.window_lag_s:
+            since_asked = asked is not None and window[-1].seq >= asked
+            if windows and lag > self.window_lag_s and not since_asked:
                 break
             ready = self.engine.readiness(first.stream, [f.rgb for f in window], _ids(window), feed.sample_fps)
             windows.append(window)
             options.append(
                 WindowOption(lag, None, False)
                 if ready is None
-                else WindowOption(lag, ready.missing_pairs, ready.prefix_ready)
+                else WindowOption(lag, ready.missing_pairs, ready.prefix_ready, since_asked)
             )
             if ready is None:
                 break

@@ -22,7 +22,8 @@ Guarantees:
   while it decodes, questions that arrive about its window join it (:meth:`Policy.take_joiners`)
   up to ``max_batch`` running at once;
 - a question takes the newest window unless a window at most ``window_lag_s`` older is
-  better prepared: prefilled, or with fewer pairs still to encode (:func:`choose_window`);
+  better prepared: prefilled, or with fewer pairs still to encode, or a prefilled window
+  that was the newest when it arrived (:func:`choose_window`);
 - :meth:`Policy.finish` says yes once per job, so each question ends exactly once.
 
 Imports nothing heavier than :mod:`streamer.inference.questions`.
@@ -419,25 +420,31 @@ class Policy:
 @dataclass(frozen=True)
 class WindowOption:
     """A window a question could take: how far its newest frame lags the stream's newest,
-    and how much of its work is done (``missing_pairs`` None: the engine cannot tell)."""
+    and how much of its work is done (``missing_pairs`` None: the engine cannot tell).
+    ``since_asked``: its newest frame is no older than the newest frame when each of the
+    batch's questions arrived."""
 
     lag_s: float
     missing_pairs: int | None
     prefix_ready: bool
+    since_asked: bool = False
 
 
 def choose_window(options: list[WindowOption], window_lag_s: float) -> int:
     """Which of ``options`` (newest first) a question takes: the newest whose prefix is
     prefilled, else the newest of those with the fewest pairs still to encode; only windows
-    lagging the newest by at most ``window_lag_s`` count. A prepared window answers in a
-    fraction of a prefill, so on a slow machine it is fresher at the first token than the
-    newest frames would be."""
-    allowed = [i for i, o in enumerate(options) if o.lag_s <= window_lag_s and o.missing_pairs is not None]
-    if not allowed:
-        return 0
-    ready = next((i for i in allowed if options[i].prefix_ready), None)
+    lagging the newest by at most ``window_lag_s`` count, and prefilled windows that were
+    the newest when the questions arrived (a burst whose late asks come after its first
+    batch ended stays on that batch's window). A prepared window answers in a fraction of
+    a prefill, so on a slow machine it is fresher at the first token than the newest frames
+    would be."""
+    known = [i for i, o in enumerate(options) if o.missing_pairs is not None]
+    allowed = [i for i in known if options[i].lag_s <= window_lag_s]
+    ready = next((i for i in known if options[i].prefix_ready and (i in allowed or options[i].since_asked)), None)
     if ready is not None:
         return ready
+    if not allowed:
+        return 0
     return min(allowed, key=lambda i: (options[i].missing_pairs, i))
 
 
