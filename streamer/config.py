@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -260,6 +260,14 @@ class ModelConfig(_Strict):
         description="a question may take a prepared window whose newest frame is this much older than the newest "
         "frame (0: always the newest frames); the answer says which frames it used",
     )
+    frame_stride: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default=1,
+        description="sampled frames from one frame of a video window to the next (1: consecutive, the newest "
+        "frames); above 1 windows lie on a fixed grid of frame pairs, so they share vision work as the stream "
+        "moves on, and their newest frame may be up to 2 x stride - 1 sampled frames old; auto: the smallest "
+        "stride at which the vision encoder keeps up with the streams (measured), up to max_frame_stride",
+    )
+    max_frame_stride: int = Field(default=8, ge=1, le=64, description="frame_stride auto: the largest stride")
     prefill_chunk_tokens: int = Field(
         default=256,
         ge=0,

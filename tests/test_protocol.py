@@ -77,6 +77,15 @@ def test_asks_and_watches_become_service_requests() -> None:
     assert watch.request() == WatchRequest("w", "s", "q", every_s=2, alert_contains="x")  # type: ignore[union-attr]
 
 
+def test_a_strided_answer_says_its_stride_and_a_plain_one_does_not() -> None:
+    """frames.stride (an extension) appears when the window's frames are more than one sampled frame apart."""
+    strided = Answer("hi", FrameSpan(30, 39, 4, 10.0, 14.5, stride=3), queued_ms=1.0, first_token_ms=2.0, total_ms=3.0)
+    plain = Answer("hi", FrameSpan(3, 6, 4, 10.0, 11.5), queued_ms=1.0, first_token_ms=2.0, total_ms=3.0)
+    assert json.loads(encode(event_message(Answered("o", "q", "cam", strided))))["frames"]["stride"] == 3
+    assert "stride" not in json.loads(encode(event_message(Answered("o", "q", "cam", plain))))["frames"]
+    assert list(strided.frames.seqs()) == [30, 33, 36, 39]
+
+
 def test_every_event_has_its_wire_shape() -> None:
     """Service events encode as PROTOCOL.md's server messages (and their documented extensions)."""
     span = FrameSpan(3, 6, 4, 10.0, 11.5)

@@ -176,11 +176,19 @@ class _FirstToken:
 
 
 def reference_answer(
-    model: Any, processor: Any, frames: list[np.ndarray], question: str, sc: Scenario, cfg: Any
+    model: Any,
+    processor: Any,
+    frames: list[np.ndarray],
+    question: str,
+    sc: Scenario,
+    cfg: Any,
+    fps: float = SAMPLE_FPS,
 ) -> tuple[list[int], str, float, float]:
     """One question through the seed's pipeline: (token ids, text, ttft_s, total_s)."""
     started = time.perf_counter()
-    inputs = reference_inputs(processor, frames, question, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    inputs = reference_inputs(
+        processor, frames, question, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, fps=fps
+    )
     first = _FirstToken()
     ids = reference_generate(model, inputs, max_new_tokens=sc.new_tokens, streamer=first)
     total = time.perf_counter() - started
@@ -239,7 +247,9 @@ async def _ask_one(
     raise RuntimeError(f"the connection closed before question {qid} ended")
 
 
-def _live_server(sc: Scenario, folder: Path, video: Path, *, prewarm: bool, window_lag_s: float) -> InProcessServer:
+def _live_server(
+    sc: Scenario, folder: Path, video: Path, *, prewarm: bool, window_lag_s: float, frame_stride: int | str = 1
+) -> InProcessServer:
     config = {
         "sources": [
             {
@@ -260,6 +270,7 @@ def _live_server(sc: Scenario, folder: Path, video: Path, *, prewarm: bool, wind
             "max_batch": sc.clients,
             "prewarm": prewarm,
             "window_lag_s": window_lag_s,
+            "frame_stride": frame_stride,
         },
         "server": {"queue_size": max(32, sc.clients * 2), "max_open_per_connection": 8},
     }
@@ -269,21 +280,32 @@ def _live_server(sc: Scenario, folder: Path, video: Path, *, prewarm: bool, wind
 def _reference_on(
     loaded: Any, cfg: Any, sc: Scenario, server_frames: dict[int, np.ndarray], asked: Asked
 ) -> tuple[list[int], float]:
-    """The reference's token ids and time to first token on the frames ``asked`` was answered from."""
+    """The reference's token ids and time to first token on the frames ``asked`` was answered
+    from (every ``stride``-th sampled frame: a video at the sampling rate over the stride)."""
     span = asked.answer["frames"]
-    window = [server_frames[seq] for seq in range(span["first_seq"], span["last_seq"] + 1)]
-    ids, _, ttft, _ = reference_answer(loaded.model, loaded.processor, window, asked.question, sc, cfg)
+    stride = span.get("stride", 1)
+    window = [server_frames[seq] for seq in range(span["first_seq"], span["last_seq"] + 1, stride)]
+    fps = SAMPLE_FPS / stride
+    ids, _, ttft, _ = reference_answer(loaded.model, loaded.processor, window, asked.question, sc, cfg, fps)
     return ids, ttft
 
 
 def run_live(
-    sc: Scenario, folder: Path, video: Path, loaded: Any, cfg: Any, *, questions: int, window_lag_s: float
+    sc: Scenario,
+    folder: Path,
+    video: Path,
+    loaded: Any,
+    cfg: Any,
+    *,
+    questions: int,
+    window_lag_s: float,
+    frame_stride: int | str = 1,
 ) -> dict[str, Any]:
     """Questions at random moments on the paced, looping clip, one at a time."""
     import random
 
     rng = random.Random(BENCH_SEED)
-    server = _live_server(sc, folder, video, prewarm=True, window_lag_s=window_lag_s)
+    server = _live_server(sc, folder, video, prewarm=True, window_lag_s=window_lag_s, frame_stride=frame_stride)
     try:
         asked = []
         for i in range(questions):
@@ -304,6 +326,7 @@ def run_live(
                 "pairs_missing": prepared.get("pairs_missing"),
                 "prefix_ready": prepared.get("prefix_ready"),
                 "frames": (a.answer["frames"]["first_seq"], a.answer["frames"]["last_seq"]),
+                "stride": a.answer["frames"].get("stride", 1),
                 "equal": ref_ids == a.token_ids,
                 "mismatch": None if ref_ids == a.token_ids else (a.question, ref_ids, a.token_ids),
             }
@@ -311,6 +334,7 @@ def run_live(
     return {
         "rows": rows,
         "window_lag_s": window_lag_s,
+        "frame_stride": frame_stride,
         "ttft": statistics.median(r["ttft"] for r in rows),
         "capture": statistics.median(r["capture"] for r in rows),
         "ref_ttft": statistics.median(r["ref_ttft"] for r in rows),
@@ -385,13 +409,15 @@ def run(
     live_questions: int = 0,
     cold_questions: int = 0,
     window_lag_s: float = 4.0,
+    frame_stride: int | str = 1,
 ) -> dict[str, Any]:
     """Both pipelines on the same frames and questions; the figures :func:`report` prints.
     ``folder``: another model than the benchmark's (tests use the tiny one).
     ``fault_shift_position``: a test hook, the server shifts every question's positions by
     this much (its answers then differ: ``tokens_equal`` must say so).
     ``live_questions``, ``cold_questions``: how many questions the live and cold cases ask
-    (0: that case is left out); ``window_lag_s``: the live server's ``model.window_lag_s``."""
+    (0: that case is left out); ``window_lag_s``, ``frame_stride``: the live server's
+    ``model.window_lag_s`` and ``model.frame_stride``."""
     # Long on purpose: one run's three scenarios read top to bottom, in the order they are measured.
     from streamer.config import ModelConfig
     from streamer.inference.loader import load_model
@@ -481,7 +507,16 @@ def run(
         try:
             if live_questions:
                 say(f"live: the clip looped at real time, {live_questions} questions at random moments")
-                live = run_live(sc, folder, looped, loaded, cfg, questions=live_questions, window_lag_s=window_lag_s)
+                live = run_live(
+                    sc,
+                    folder,
+                    looped,
+                    loaded,
+                    cfg,
+                    questions=live_questions,
+                    window_lag_s=window_lag_s,
+                    frame_stride=frame_stride,
+                )
                 bad = [row["mismatch"] for row in live["rows"] if row["mismatch"]]
                 mismatches += [(q, (r, ""), (m, "")) for q, r, m in bad]
             if cold_questions:
@@ -536,13 +571,16 @@ def report(r: dict[str, Any]) -> None:
     quick = [f"ttft_ratio={r['ours_ttft'] / r['ref_ttft']:.3f}"]
     live, cold = r.get("live"), r.get("cold")
     if live:
-        print(f"live (clip looped at real time, window sliding, model.window_lag_s={live['window_lag_s']:g})")
+        print(
+            f"live (clip looped at real time, window sliding, model.window_lag_s={live['window_lag_s']:g}, "
+            f"model.frame_stride={live['frame_stride']})"
+        )
         n = len(live["rows"])
         line(f"  time to first token, s (median of {n})", live["ref_ttft"], live["ttft"])
         line(f"  capture to first token, s (median of {n})", live["ref_ttft"], live["capture"])
         for i, row in enumerate(live["rows"]):
             print(
-                f"    q{i}: frames {row['frames'][0]}-{row['frames'][1]}, pairs not yet encoded "
+                f"    q{i}: frames {row['frames'][0]}-{row['frames'][1]} stride {row['stride']}, pairs not yet encoded "
                 f"{row['pairs_missing']}, prefix ready {row['prefix_ready']}, ttft {row['ttft']:.2f} s, "
                 f"capture-to-first-token {row['capture']:.2f} s, reference ttft {row['ref_ttft']:.2f} s"
             )
@@ -577,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--window-lag", type=float, default=4.0, help="the live case's model.window_lag_s (product default 0)"
     )
+    parser.add_argument(
+        "--frame-stride",
+        default="auto",
+        help="the live case's model.frame_stride: a number, or auto (product default 1)",
+    )
     parser.add_argument("--only-warm", action="store_true", help="leave out the live and cold cases")
     # A test hook, not a feature: the server answers with shifted positions, so the run must
     # report tokens_equal=false.
@@ -598,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             live_questions=0 if args.only_warm else LIVE_QUESTIONS[args.quick],
             cold_questions=0 if args.only_warm else COLD_QUESTIONS[args.quick],
             window_lag_s=args.window_lag,
+            frame_stride=args.frame_stride if args.frame_stride == "auto" else int(args.frame_stride),
         )
     )
     return 0

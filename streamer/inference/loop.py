@@ -38,12 +38,22 @@ from streamer.inference.policy import (
     Job,
     Policy,
     Standing,
+    StrideGovernor,
     WatchProgress,
     WindowOption,
     answer_of,
     choose_window,
 )
-from streamer.inference.questions import Answer, ErrorCode, Question, Rejected, StreamFeed, Watch, window_of
+from streamer.inference.questions import (
+    Answer,
+    ErrorCode,
+    Question,
+    Rejected,
+    StreamFeed,
+    Watch,
+    strided_windows,
+    window_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,50 +107,103 @@ class Reports:
                 log.exception("sink failed ending watch %s", st.watch.id)
 
 
+class Strides:
+    """How many sampled frames apart each window's frames are: 1 and the newest frames (the
+    default), a fixed stride, or (``"auto"``) the :class:`StrideGovernor`'s. With any stride
+    but the default, windows lie on that stride's grid of frame pairs
+    (:func:`strided_windows`). Used on the inference thread only."""
+
+    def __init__(self, frame_stride: int | str = 1, max_frame_stride: int = 8) -> None:
+        self.governor = StrideGovernor(max_frame_stride) if frame_stride == "auto" else None
+        self.fixed = 1 if self.governor is not None else int(frame_stride)
+        self.aligned = self.governor is not None or self.fixed > 1
+
+    def now(self, streams: Mapping[str, StreamFeed]) -> int:
+        if self.governor is None:
+            return self.fixed
+        return self.governor.update(time.monotonic(), [feed.sample_fps for feed in streams.values()])
+
+    def windows(self, feed: StreamFeed, n: int, stride: int, count: int) -> tuple[list[list[Frame]], int]:
+        """Up to ``count`` candidate windows of ``n`` frames, newest first, and their stride
+        (lowered to what the stream's buffer holds)."""
+        if not self.aligned:
+            span = window_of(feed.ring, n + count - 1)
+            ends = range(len(span), min(n, len(span)) - 1, -1)
+            return [span[max(0, end - n) : end] for end in ends], 1
+        stride = max(1, min(stride, feed.ring.capacity // (n + 2)))
+        return strided_windows(feed.ring, n, stride, count), stride
+
+    def encoded(self, seconds: float) -> None:
+        if self.governor is not None:
+            self.governor.encoded(seconds)
+
+    def answered(self, seconds: float) -> None:
+        if self.governor is not None:
+            self.governor.answered(time.monotonic(), seconds)
+
+
 class Warmer:
     """Work ahead of questions while the loop is idle: the engine prepares a window of
     ``frames`` frames of each stream, one short piece per step. It keeps at one window until
     that is ready or lags the newest frame by more than ``window_lag_s`` (a live window
     slides on faster than a CPU prefills; questions may take a prepared window that recent),
-    then moves to the newest window that shares the most pairs with it. A failure is logged
-    and pauses it for a while; questions are not affected."""
+    then moves to the newest window that shares the most pairs with it. It times the pieces
+    that encode a frame pair, for the stride (:class:`Strides`). A failure is logged and
+    pauses it for a while; questions are not affected."""
 
-    def __init__(self, engine: Engine, frames: int, window_lag_s: float = 0.0) -> None:
+    def __init__(self, engine: Engine, frames: int, window_lag_s: float = 0.0, strides: Strides | None = None) -> None:
         self.engine = engine
         self.frames = frames
         self.window_lag_s = window_lag_s
+        self.strides = strides or Strides()
         self._paused_until = 0.0
-        self._targets: dict[str, list[Frame]] = {}
+        self._targets: dict[str, tuple[list[Frame], int]] = {}
 
     def step(self, streams: Mapping[str, StreamFeed]) -> bool:
         """One piece of work; True if the engine had some."""
         if time.monotonic() < self._paused_until:
             return False
         try:
+            stride = self.strides.now(streams)
             for name, feed in list(streams.items()):
-                for frames in self._windows(name, feed):
-                    rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
-                    if self.engine.warm(name, rgb, ids, feed.sample_fps):
-                        self._targets[name] = frames
+                windows, k = self._windows(name, feed, stride)
+                for frames in windows:
+                    rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
+                    timed = self.strides.governor is not None
+                    before = self.engine.readiness(name, rgb, ids, fps) if timed else None
+                    started = time.monotonic()
+                    if self.engine.warm(name, rgb, ids, fps):
+                        if before is not None and before.missing_pairs > 0:  # it encoded a pair
+                            self.strides.encoded(time.monotonic() - started)
+                        self._targets[name] = (frames, k)
                         return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
             self._paused_until = time.monotonic() + WARM_PAUSE_S
         return False
 
-    def _windows(self, name: str, feed: StreamFeed) -> list[list[Frame]]:
-        """The windows to prepare, in order: the current target while recent enough, then the
-        newest window ending on a frame of the target's parity (its pairs are the target's)."""
+    def _windows(self, name: str, feed: StreamFeed, stride: int) -> tuple[list[list[Frame]], int]:
+        """The windows to prepare, in order, and their stride: the current target while
+        recent enough, then the newest window whose pairs are the target's (on the stride's
+        grid, or ending on a frame of the target's parity)."""
+        if self.strides.aligned:
+            candidates, k = self.strides.windows(feed, self.frames, stride, 1)
+            if not candidates or len(candidates[0]) < self.frames:
+                return [], k
+            newest, (target, target_k) = candidates[0], self._targets.get(name, ([], 0))
+            if target_k != k or self.window_lag_s <= 0 or newest[-1].ts - target[-1].ts > self.window_lag_s:
+                return [newest], k
+            return ([target, newest] if newest[-1].seq != target[-1].seq else [target]), k
         span = window_of(feed.ring, self.frames + 1)
         if len(span) < self.frames:
-            return []
+            return [], 1
         newest = span[-self.frames :]
-        target = self._targets.get(name)
-        if target is None or self.window_lag_s <= 0 or newest[-1].ts - target[-1].ts > self.window_lag_s:
-            return [newest]
+        target = self._targets.get(name, ([], 1))[0]
+        if not target or self.window_lag_s <= 0 or newest[-1].ts - target[-1].ts > self.window_lag_s:
+            return [newest], 1
         if len(span) > self.frames and (newest[-1].seq - target[-1].seq) % 2:
             newest = span[: self.frames]
-        return [target, newest] if newest[-1].seq != target[-1].seq else [target]
+        return ([target, newest] if newest[-1].seq != target[-1].seq else [target]), 1
 
 
 class BatchAnswerer:
@@ -157,10 +220,12 @@ class BatchAnswerer:
         policy: Policy,
         reports: Reports,
         window_lag_s: float,
+        strides: Strides | None = None,
     ) -> None:
         self.engine = engine
         self.streams = streams
         self.window_lag_s = window_lag_s
+        self.strides = strides or Strides()
         self._lock = lock
         self._policy = policy
         self._reports = reports
@@ -171,12 +236,13 @@ class BatchAnswerer:
         started = time.monotonic()
         first = batch[0].question
         feed = self.streams.get(first.stream)
-        frames, option = self.window(batch, feed) if feed is not None else ([], None)
+        frames, option, stride = self.window(batch, feed) if feed is not None else ([], None, 1)
         if feed is None or not frames:
             for job in batch:
                 self._reports.failed(job, "stream_unavailable", f"stream {job.stream!r} has no frames")
             return
         wall = time.time() - time.monotonic()
+        fps = feed.sample_fps / stride
 
         def finish(job: Job, at: float) -> Callable[[GenerationResult], None]:
             def on_result(result: GenerationResult) -> None:
@@ -185,14 +251,15 @@ class BatchAnswerer:
                     return
                 ids = tuple(result.token_ids)
                 done = time.monotonic()
-                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall)
+                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall, stride)
                 self._reports.answered(job, answer)
 
             return on_result
 
         def joiners(room: int) -> list[Joiner]:
-            newest = feed.ring.newest_seq
-            lag = 0.0 if newest == frames[-1].seq else _lag(feed, frames)
+            # How far the window lags the newest one it could start on now.
+            newest, _ = self.strides.windows(feed, len(frames), stride, 1)
+            lag = newest[0][-1].ts - frames[-1].ts if newest else None
             recent = lag is not None and lag <= self.window_lag_s
 
             def fresh_enough(job: Job) -> bool:
@@ -205,11 +272,11 @@ class BatchAnswerer:
             now = time.monotonic()
             return [
                 Joiner(request, _text_to(job), _stop_of(job), finish(job, now))
-                for job, request in zip(joined, _requests(joined, frames, feed.sample_fps), strict=True)
+                for job, request in zip(joined, _requests(joined, frames, fps), strict=True)
             ]
 
         results = self.engine.generate_batch(
-            _requests(batch, frames, feed.sample_fps),
+            _requests(batch, frames, fps),
             [_text_to(job) for job in batch],
             [_stop_of(job) for job in batch],
             on_results=[finish(job, started) for job in batch],
@@ -218,29 +285,31 @@ class BatchAnswerer:
         for job, result in zip(batch, results, strict=True):  # those an engine did not report (each ends once)
             finish(job, started)(result)
 
-    def window(self, batch: list[Job], feed: StreamFeed) -> tuple[list[Frame], WindowOption | None]:
-        """The frames ``batch`` is answered from (see :func:`choose_window`), and how prepared
-        they were."""
+    def window(self, batch: list[Job], feed: StreamFeed) -> tuple[list[Frame], WindowOption | None, int]:
+        """The frames ``batch`` is answered from (see :func:`choose_window`), how prepared they
+        were, and their stride."""
         first = batch[0].question
         n = 1 if first.mode == "image" else first.frames
         if first.mode == "image":
-            return window_of(feed.ring, n), None
+            return window_of(feed.ring, n), None, 1
+        stride = self.strides.now(self.streams)
         # The newest frame when the batch's last question arrived: windows ending on it or
         # later were "now" for every question of the batch.
         asked = max((job.received_seq for job in batch if job.received_seq is not None), default=None)
         newest_seq = feed.ring.newest_seq
-        extra = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
+        step = stride if self.strides.aligned else 1  # sampled frames from one candidate to the next
+        back = int(self.window_lag_s * feed.sample_fps) + 1 if self.window_lag_s > 0 else 0
         if asked is not None and newest_seq is not None:
-            extra = max(extra, min(newest_seq - asked, MAX_ASKED_WINDOWS))
-        span = window_of(feed.ring, n + extra)
+            back = max(back, min(newest_seq - asked, MAX_ASKED_WINDOWS * step))
+        candidates, stride = self.strides.windows(feed, n, stride, 1 + back // step)
         windows, options = [], []
-        for end in range(len(span), min(n, len(span)) - 1, -1):
-            window = span[max(0, end - n) : end]
-            lag = span[-1].ts - window[-1].ts
+        for window in candidates:
+            lag = candidates[0][-1].ts - window[-1].ts
             since_asked = asked is not None and window[-1].seq >= asked
             if windows and lag > self.window_lag_s and not since_asked:
                 break
-            ready = self.engine.readiness(first.stream, [f.rgb for f in window], _ids(window), feed.sample_fps)
+            ids, fps = _ids(window), feed.sample_fps / stride
+            ready = self.engine.readiness(first.stream, [f.rgb for f in window], ids, fps)
             windows.append(window)
             options.append(
                 WindowOption(lag, None, False)
@@ -250,9 +319,9 @@ class BatchAnswerer:
             if ready is None:
                 break
         if not windows:
-            return [], None
+            return [], None, stride
         chosen = choose_window(options, self.window_lag_s)
-        return windows[chosen], options[chosen]
+        return windows[chosen], options[chosen], stride
 
 
 class InferenceLoop:
@@ -272,6 +341,8 @@ class InferenceLoop:
         batch_gap_s: float | None = None,
         warm_frames: int = 0,
         window_lag_s: float = 0.0,
+        frame_stride: int | str = 1,
+        max_frame_stride: int = 8,
     ) -> None:
         """``max_batch``: questions about the same window answered together (people's asks
         and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for
@@ -279,7 +350,9 @@ class InferenceLoop:
         the last question came (None: the whole window). ``warm_frames``: when idle, let the engine
         prepare the window of that many newest frames of each stream (0: never).
         ``window_lag_s``: how much older than the newest frames a better prepared window a
-        question takes may be (0: always the newest frames)."""
+        question takes may be (0: always the newest frames). ``frame_stride``: sampled frames
+        from one frame of a window to the next, or ``"auto"``: as few as keep the vision
+        encoder up with the streams, at most ``max_frame_stride`` (see :class:`Strides`)."""
         self.engine = engine
         self.streams: dict[str, StreamFeed] = dict(streams)
         self.batch_window_s = batch_window_s
@@ -290,8 +363,11 @@ class InferenceLoop:
         self._policy = Policy(self.streams, queue_size=queue_size, max_batch=max_batch)
         self._lock = threading.Condition(threading.Lock())
         self._reports = Reports(self._lock, self._policy)
-        self._warmer = Warmer(engine, warm_frames, window_lag_s)
-        self._answerer = BatchAnswerer(engine, self.streams, self._lock, self._policy, self._reports, window_lag_s)
+        self._strides = Strides(frame_stride, max_frame_stride)
+        self._warmer = Warmer(engine, warm_frames, window_lag_s, self._strides)
+        self._answerer = BatchAnswerer(
+            engine, self.streams, self._lock, self._policy, self._reports, window_lag_s, self._strides
+        )
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # -- control, from any thread -------------------------------------------------------
@@ -411,6 +487,7 @@ class InferenceLoop:
                         if not self._policy.queue and not self._policy.stopping:
                             self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
                 continue
+            started = time.monotonic()
             try:
                 self._answerer.answer(batch)
             except Exception as err:  # the loop outlives any one question
@@ -419,6 +496,7 @@ class InferenceLoop:
                 for job in batch:
                     self._reports.failed(job, "internal", describe)
             finally:
+                self._strides.answered(time.monotonic() - started)
                 with self._lock:
                     self._policy.batch_done()
 
@@ -450,12 +528,6 @@ class InferenceLoop:
 
 def _ids(frames: list[Frame]) -> tuple[tuple[int, float], ...]:
     return tuple((f.seq, f.ts) for f in frames)
-
-
-def _lag(feed: StreamFeed, frames: list[Frame]) -> float | None:
-    """How far ``frames``' newest frame lags the stream's newest, in seconds."""
-    newest = feed.ring.latest(1)
-    return newest[-1].ts - frames[-1].ts if newest else None
 
 
 def _requests(batch: list[Job], frames: list[Frame], sample_fps: float) -> list[GenerationRequest]:

@@ -32,6 +32,7 @@ Imports nothing heavier than :mod:`streamer.inference.questions`.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -448,6 +449,69 @@ def choose_window(options: list[WindowOption], window_lag_s: float) -> int:
     return min(allowed, key=lambda i: (options[i].missing_pairs, i))
 
 
+class StrideGovernor:
+    """How many sampled frames apart a window's frames are (the stride), so that the vision
+    encoder keeps pace with the streams (``model.frame_stride: auto``).
+
+    A window of ``frames`` frames at stride ``k`` gains one new frame pair every ``2k``
+    sampled frames; warm-up must encode those pairs between questions, or questions pay for
+    them. The stride is the smallest ``k`` at which one pair's measured encode time, for
+    every stream's pairs, takes at most ``headroom`` of the time the loop is not answering
+    questions (measured over the last ``horizon_s``), up to ``max_stride``. It rises as soon
+    as that needs it, and falls only when the smaller stride would still fit with a third to
+    spare, so that cached pairs (which belong to one stride's grid) are not thrown away by
+    every small change. Plain code: measurements and the time come in as arguments."""
+
+    def __init__(self, max_stride: int, *, headroom: float = 0.8, horizon_s: float = 30.0) -> None:
+        if max_stride < 1:
+            raise ValueError("max_stride must be at least 1")
+        self.max_stride = max_stride
+        self.headroom = headroom
+        self.horizon_s = horizon_s
+        self.stride = 1
+        #: Seconds to encode one frame pair (exponential average), None before the first.
+        self.encode_s: float | None = None
+        self._busy: list[tuple[float, float]] = []  # (ended at, seconds answering questions)
+        self._since: float | None = None
+
+    def encoded(self, seconds: float) -> None:
+        """Warm-up encoded one frame pair in ``seconds``."""
+        self.encode_s = seconds if self.encode_s is None else 0.7 * self.encode_s + 0.3 * seconds
+
+    def answered(self, now: float, seconds: float) -> None:
+        """The loop spent ``seconds`` up to ``now`` answering questions."""
+        self._busy.append((now, seconds))
+
+    def free_share(self, now: float) -> float:
+        """The share of the last ``horizon_s`` not spent answering questions (at least 0.1)."""
+        self._since = now if self._since is None else self._since
+        start = now - self.horizon_s
+        self._busy = [(at, s) for at, s in self._busy if at > start]
+        span = max(min(self.horizon_s, now - self._since), 1.0)
+        busy = sum(min(s, at - start) for at, s in self._busy)
+        return max(0.1, 1.0 - busy / span)
+
+    def update(self, now: float, sample_fps: list[float]) -> int:
+        """The stride to use now for streams sampled at ``sample_fps``."""
+        if self._since is None:
+            self._since = now
+        if self.encode_s is None or not sample_fps:
+            return self.stride
+        budget = self.headroom * self.free_share(now)
+        pairs_per_s_at_1 = sum(sample_fps) / 2
+
+        def needed(margin: float) -> int:
+            return max(1, min(self.max_stride, math.ceil(self.encode_s * pairs_per_s_at_1 * margin / budget)))
+
+        if needed(1.0) > self.stride:
+            self.stride = needed(1.0)
+            log.info("frame stride %d: one pair takes %.2f s to encode", self.stride, self.encode_s)
+        elif needed(1.33) < self.stride:
+            self.stride = needed(1.33)
+            log.info("frame stride %d: one pair takes %.2f s to encode", self.stride, self.encode_s)
+        return self.stride
+
+
 def answer_of(
     job: Job,
     text: str,
@@ -458,6 +522,7 @@ def answer_of(
     token_ids: tuple[int, ...] = (),
     readiness: WindowOption | None = None,
     wall_minus_monotonic: float | None = None,
+    stride: int = 1,
 ) -> Answer:
     """The answer to ``job`` from its generated text (and ``token_ids``); times are
     ``time.monotonic()`` values; ``wall_minus_monotonic`` turns them into capture times
@@ -468,7 +533,7 @@ def answer_of(
         capture = round((first_token_at + wall_minus_monotonic - frames[-1].ts) * 1000, 1)
     return Answer(
         text=text,
-        frames=FrameSpan.of(frames),
+        frames=FrameSpan.of(frames, stride),
         queued_ms=round((started - received) * 1000, 1),
         first_token_ms=None if first_token_at is None else round((first_token_at - received) * 1000, 1),
         total_ms=round((done - received) * 1000, 1),

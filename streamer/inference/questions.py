@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
 
 from streamer.capture.ring import Frame, RingBuffer
 
@@ -34,10 +34,23 @@ class FrameSpan:
     count: int
     first_ts: float
     last_ts: float
+    #: Sampled frames from one frame of the window to the next (1: consecutive frames).
+    stride: int = 1
 
     @classmethod
-    def of(cls, frames: list[Frame]) -> FrameSpan:
-        return cls(frames[0].seq, frames[-1].seq, len(frames), frames[0].ts, frames[-1].ts)
+    def of(cls, frames: list[Frame], stride: int = 1) -> FrameSpan:
+        return cls(frames[0].seq, frames[-1].seq, len(frames), frames[0].ts, frames[-1].ts, stride)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The protocol's ``frames`` object (``stride`` only when above 1)."""
+        span = asdict(self)
+        if self.stride == 1:
+            del span["stride"]
+        return span
+
+    def seqs(self) -> range:
+        """The ``seq`` of every frame used, oldest first."""
+        return range(self.first_seq, self.last_seq + 1, self.stride)
 
 
 @dataclass(frozen=True)
@@ -202,7 +215,10 @@ class Rejected(Exception):
 
 def window_of(ring: RingBuffer, n: int) -> list[Frame]:
     """The newest ``n`` frames that share the newest frame's size (a clip has one size)."""
-    frames = ring.latest(n)
+    return _newest_size(ring.latest(n))
+
+
+def _newest_size(frames: list[Frame]) -> list[Frame]:
     if not frames:
         return frames
     size = frames[-1].rgb.shape
@@ -210,3 +226,29 @@ def window_of(ring: RingBuffer, n: int) -> list[Frame]:
     while start > 0 and frames[start - 1].rgb.shape == size:
         start -= 1
     return frames[start:]
+
+
+def strided_windows(ring: RingBuffer, n: int, stride: int, count: int) -> list[list[Frame]]:
+    """Up to ``count`` windows of (up to) ``n`` frames ``stride`` sampled frames apart, newest
+    first, each one pair of grid frames older than the last. The frames lie on a fixed grid
+    (``seq`` a multiple of ``stride``) and every window ends on the second frame of a grid
+    pair, so windows of one stride share their frame pairs as the stream moves on (the vision
+    work of a pair is done once), at the price of a newest frame up to ``2 * stride - 1``
+    sampled frames older than the stream's. Frames of the newest size only."""
+    if stride < 1 or n < 1 or count < 1:
+        raise ValueError("n, stride and count must be at least 1")
+    newest = ring.newest_seq
+    if newest is None:
+        return []
+    # From the newest frame back to the start of the oldest window (with room to align).
+    frames = _newest_size(ring.latest(stride * (n + 2 * count + 1)))
+    grid = [f for f in frames if f.seq % stride == 0]
+    while grid and (grid[-1].seq // stride) % 2 == 0:  # end on the second frame of a pair
+        grid.pop()
+    windows = []
+    for k in range(count):
+        end = len(grid) - 2 * k
+        if end <= 0 or (windows and end < n):
+            break
+        windows.append(grid[max(0, end - n) : end])
+    return windows

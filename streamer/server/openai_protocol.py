@@ -12,7 +12,6 @@ back in ``streamer.frames`` (the WebSocket ``answer``'s ``frames`` object).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -229,7 +228,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def streamer_object(answer: Answer) -> dict[str, Any]:
     """The ``streamer`` extension of a response: the frames the answer is about, and timings."""
     timings = {"queued_ms": answer.queued_ms, "first_token_ms": answer.first_token_ms, "total_ms": answer.total_ms}
-    return {"frames": asdict(answer.frames), "timings": timings}
+    return {"frames": answer.frames.as_dict(), "timings": timings}
 
 
 def completion(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -244,7 +243,7 @@ def event_message(event: Event) -> dict[str, Any]:
                 "id": event.id,
                 "text": a.text,
                 "stream": event.stream,
-                "frames": asdict(a.frames),
+                "frames": a.frames.as_dict(),
                 "timings": {
                     "queued_ms": a.queued_ms,
                     "first_token_ms": a.first_token_ms,
@@ -262,7 +261,7 @@ def event_message(event: Event) -> dict[str, Any]:
                 else {"pairs_missing": a.pairs_missing, "prefix_ready": a.prefix_ready},
             }
         case Alerted():
-            frames = asdict(event.frames)
+            frames = event.frames.as_dict()
             return {"type": "alert", "id": event.id, "text": event.text, "stream": event.stream, "frames": frames,
                     "matched": event.matched}  # fmt: skip
         case Failed():

@@ -71,6 +71,8 @@ class Runtime:
             batch_gap_s=model.batch_gap_ms / 1000,
             warm_frames=model.frames if model.fast_path and model.prewarm else 0,
             window_lag_s=model.window_lag_s,
+            frame_stride=model.frame_stride,
+            max_frame_stride=model.max_frame_stride,
         )
         self.loop.start()
         self.service.attach(self.loop)

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -134,7 +134,7 @@ def _round_record(
         stream=event.stream,
         rule=state.cfg.name,
         text=answer.text,
-        frames=asdict(answer.frames),  # as the protocol's answer message has them
+        frames=answer.frames.as_dict(),  # as the protocol's answer message has them
         timings={
             "queued_ms": answer.queued_ms,
             "first_token_ms": answer.first_token_ms,

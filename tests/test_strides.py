@@ -1,0 +1,148 @@
+"""Frame strides: windows on a fixed grid of frame pairs, the stride the governor picks from
+measured encode times and the loop's load, and strided answers equal to the seed pipeline's
+on the same frames at the strided frame rate."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamer.capture.ring import RingBuffer
+from streamer.config import ModelConfig
+from streamer.inference.loader import load_model
+from streamer.inference.loop import InferenceLoop
+from streamer.inference.policy import StrideGovernor
+from streamer.inference.questions import Answer, Question, StreamFeed, strided_windows
+from streamer.inference.reference import reference_generate, reference_inputs
+from streamer.inference.tiny import ensure_tiny_model
+from streamer.inference.transformers_engine import TransformersEngine
+
+
+def _ring(n: int, capacity: int = 64, side: int = 56) -> RingBuffer:
+    ring = RingBuffer(capacity)
+    rng = np.random.default_rng(n)
+    for _ in range(n):
+        ring.push(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    return ring
+
+
+def test_strided_windows_lie_on_the_grid_and_end_on_a_pair() -> None:
+    """Stride 3: frames are multiples of 3, each window ends on a pair's second frame, one pair apart, and
+    the window that follows shares the pairs it can."""
+    ring = _ring(41)  # seq 0-40
+    windows = strided_windows(ring, 4, 3, 3)
+    assert [[f.seq for f in w] for w in windows] == [[30, 33, 36, 39], [24, 27, 30, 33], [18, 21, 24, 27]]
+    for _ in range(2):  # seq 41, and 42: the first frame of a new grid pair
+        ring.push(np.zeros((56, 56, 3), dtype=np.uint8))
+    assert [f.seq for f in strided_windows(ring, 4, 3, 1)[0]] == [30, 33, 36, 39]
+    for _ in range(3):  # up to seq 45: the pair (42, 45) is complete
+        ring.push(np.zeros((56, 56, 3), dtype=np.uint8))
+    assert [f.seq for f in strided_windows(ring, 4, 3, 1)[0]] == [36, 39, 42, 45]  # (36, 39) is shared
+    assert [f.seq for f in strided_windows(ring, 4, 1, 1)[0]] == [42, 43, 44, 45]  # stride 1: ends on an odd seq
+
+
+def test_strided_windows_keep_the_newest_size_and_say_when_short() -> None:
+    """Frames of an older size are left out; a young stream gives one short window, not several."""
+    ring = _ring(10)
+    for _ in range(8):
+        ring.push(np.zeros((28, 56, 3), dtype=np.uint8))  # seq 10-17, a new size
+    (window,) = strided_windows(ring, 8, 2, 4)
+    assert [f.seq for f in window] == [10, 12, 14] and all(f.rgb.shape == (28, 56, 3) for f in window)
+    assert strided_windows(RingBuffer(4), 8, 2, 2) == []
+    with pytest.raises(ValueError):
+        strided_windows(ring, 8, 0, 1)
+
+
+def test_the_governor_rises_when_encoding_falls_behind_and_falls_with_room_to_spare() -> None:
+    """Stride = ceil(encode s x pairs/s / (0.8 x free share)): up at once, down only with a third to spare."""
+    gov = StrideGovernor(max_stride=8)
+    assert gov.update(0.0, [2.0]) == 1  # nothing measured yet
+    gov.encoded(2.0)  # 2 s a pair; a 2 fps stream gains 1 pair/s at stride 1
+    assert gov.update(1.0, [2.0]) == 3  # ceil(2 x 1 / 0.8)
+    assert gov.update(2.0, [2.0, 2.0]) == 5  # two streams: ceil(2 x 2 / 0.8)
+    gov.answered(10.0, 5.0)  # questions took 5 of the last 10 s: half the time is free
+    assert gov.free_share(10.0) == pytest.approx(0.5)
+    assert gov.update(10.0, [2.0]) == 5  # ceil(2 / 0.4) = 5: not above 5, and 5 x 1.33 is not below it
+    for _ in range(20):
+        gov.encoded(0.5)  # a faster encoder (the average follows)
+    assert gov.update(100.0, [2.0]) == 1  # the busy spell is past the horizon: ceil(0.5 x 1.33 / 0.8) = 1
+    gov.encoded(100.0)
+    assert gov.update(101.0, [2.0]) == 8  # at most max_stride
+    with pytest.raises(ValueError):
+        StrideGovernor(0)
+
+
+def test_the_governor_keeps_a_stride_that_fits_within_a_third() -> None:
+    """A measurement just below the current stride's need does not lower it (cached pairs belong to one grid)."""
+    gov = StrideGovernor(max_stride=8)
+    gov.encoded(2.4)
+    assert gov.update(0.0, [2.0]) == 3  # ceil(2.4 / 0.8) = 3
+    gov.encode_s = 1.7  # needs ceil(1.7 / 0.8) = 3 still; with a third to spare ceil(2.26 / 0.8) = 3
+    assert gov.update(1.0, [2.0]) == 3
+    gov.encode_s = 1.1  # needs 2; with a third to spare ceil(1.46 / 0.8) = 2
+    assert gov.update(2.0, [2.0]) == 2
+
+
+class _Answers:
+    def __init__(self) -> None:
+        self.answers: dict[str, Answer] = {}
+        self.errors: dict[str, str] = {}
+        self.done = threading.Condition()
+
+    def on_accepted(self, q: Question, position: int) -> None:
+        pass
+
+    def on_text(self, q: Question, text: str) -> None:
+        pass
+
+    def on_answer(self, q: Question, answer: Answer) -> None:
+        with self.done:
+            self.answers[q.id] = answer
+            self.done.notify_all()
+
+    def on_error(self, q: Question, code: str, message: str) -> None:
+        with self.done:
+            self.errors[q.id] = code
+            self.done.notify_all()
+
+    def wait(self, n: int) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: len(self.answers) + len(self.errors) >= n, 120), self.errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", ["tiny-random-instruct", "tiny-random-qwen2.5-vl"])
+def test_a_strided_answer_is_the_seed_pipelines_on_its_frames_at_the_strided_rate(
+    streamer_cache: Path, model_id: str
+) -> None:
+    """frame_stride 3 at 2 fps: the answer names frames 3 apart on the grid, and its token ids are generate's on
+    those frames as a video at 2/3 fps."""
+    ensure_tiny_model(model_id)
+    cfg = ModelConfig(id=model_id)
+    engine = TransformersEngine(load_model(cfg), cfg)
+    ring = _ring(40, side=112)
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=4, frame_stride=3)
+    sink = _Answers()
+    loop.start()
+    try:
+        loop.submit(
+            Question(id="q", stream="s", text="What is moving?", owner="o", sink=sink, frames=4, max_new_tokens=12)
+        )  # type: ignore[arg-type]
+        sink.wait(1)
+    finally:
+        loop.stop()
+    answer = sink.answers["q"]
+    assert answer.frames.stride == 3 and list(answer.frames.seqs()) == [30, 33, 36, 39]
+    frames = {f.seq: f.rgb for f in ring.latest(64)}
+    inputs = reference_inputs(
+        engine.loaded.processor,
+        [frames[s] for s in answer.frames.seqs()],
+        "What is moving?",
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        fps=2.0 / 3,
+    )
+    assert list(answer.token_ids) == reference_generate(engine.loaded.model, inputs, max_new_tokens=12)
