@@ -86,6 +86,19 @@ def test_the_governor_keeps_a_stride_that_fits_within_a_third() -> None:
     assert gov.update(2.0, [2.0]) == 2
 
 
+def test_a_young_stream_gets_whole_windows_at_a_lower_stride() -> None:
+    """With too few frames held for 8 frames at stride 4, the window has 8 frames at the stride that fits."""
+    from streamer.inference.loop import Strides
+
+    strides = Strides(frame_stride=4)
+    feed = StreamFeed(_ring(25), 2.0)  # seq 0-24: 25 // (8 + 2) = 2
+    (window,), stride = strides.windows(feed, 8, 4, 1)
+    assert stride == 2 and [f.seq for f in window] == [8, 10, 12, 14, 16, 18, 20, 22]
+    feed = StreamFeed(_ring(60), 2.0)
+    (window,), stride = strides.windows(feed, 8, 4, 1)
+    assert stride == 4 and len(window) == 8 and window[-1].seq == 52  # 56 starts a pair
+
+
 class _Answers:
     def __init__(self) -> None:
         self.answers: dict[str, Answer] = {}

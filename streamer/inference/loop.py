@@ -124,13 +124,15 @@ class Strides:
         return self.governor.update(time.monotonic(), [feed.sample_fps for feed in streams.values()])
 
     def windows(self, feed: StreamFeed, n: int, stride: int, count: int) -> tuple[list[list[Frame]], int]:
-        """Up to ``count`` candidate windows of ``n`` frames, newest first, and their stride
-        (lowered to what the stream's buffer holds)."""
+        """Up to ``count`` candidate windows of ``n`` frames, newest first, and their stride:
+        lowered to one at which the frames held make a whole window (a young stream, or a
+        small ``buffer_frames``, gets ``n`` frames closer together, not fewer frames)."""
         if not self.aligned:
             span = window_of(feed.ring, n + count - 1)
             ends = range(len(span), min(n, len(span)) - 1, -1)
             return [span[max(0, end - n) : end] for end in ends], 1
-        stride = max(1, min(stride, feed.ring.capacity // (n + 2)))
+        held = len(window_of(feed.ring, feed.ring.capacity))
+        stride = max(1, min(stride, held // (n + 2)))
         return strided_windows(feed.ring, n, stride, count), stride
 
     def encoded(self, seconds: float) -> None:
