@@ -57,20 +57,20 @@ def test_strided_windows_keep_the_newest_size_and_say_when_short() -> None:
 
 
 def test_the_governor_rises_when_encoding_falls_behind_and_falls_with_room_to_spare() -> None:
-    """Stride = ceil(encode s x pairs/s / (0.8 x free share)): up at once, down only with a third to spare."""
+    """Stride = ceil(encode s x pairs/s at stride 1 / 0.25): up at once, down only with a third to spare."""
     gov = StrideGovernor(max_stride=8)
-    assert gov.update(0.0, [2.0]) == 1  # nothing measured yet
-    gov.encoded(2.0)  # 2 s a pair; a 2 fps stream gains 1 pair/s at stride 1
-    assert gov.update(1.0, [2.0]) == 3  # ceil(2 x 1 / 0.8)
-    assert gov.update(2.0, [2.0, 2.0]) == 5  # two streams: ceil(2 x 2 / 0.8)
-    gov.answered(10.0, 5.0)  # questions took 5 of the last 10 s: half the time is free
-    assert gov.free_share(10.0) == pytest.approx(0.5)
-    assert gov.update(10.0, [2.0]) == 5  # ceil(2 / 0.4) = 5: not above 5, and 5 x 1.33 is not below it
-    for _ in range(20):
-        gov.encoded(0.5)  # a faster encoder (the average follows)
-    assert gov.update(100.0, [2.0]) == 1  # the busy spell is past the horizon: ceil(0.5 x 1.33 / 0.8) = 1
+    assert gov.update([2.0]) == 1  # nothing measured yet
+    gov.encoded(0.2)  # a 2 fps stream gains 1 pair/s at stride 1: 0.2 s of each second
+    assert gov.update([2.0]) == 1
+    gov.encoded(0.6)  # the average: 0.7 x 0.2 + 0.3 x 0.6 = 0.32 s a pair
+    assert gov.update([2.0]) == 2  # ceil(0.32 / 0.25)
+    assert gov.update([2.0, 2.0]) == 3  # two streams: ceil(0.64 / 0.25)
+    assert gov.update([2.0]) == 2  # one stream again: 2 fits with a third to spare (ceil(0.43 / 0.25))
+    for _ in range(30):
+        gov.encoded(0.1)
+    assert gov.update([2.0]) == 1  # a faster encoder: ceil(0.1 x 1.33 / 0.25) = 1
     gov.encoded(100.0)
-    assert gov.update(101.0, [2.0]) == 8  # at most max_stride
+    assert gov.update([2.0]) == 8  # at most max_stride
     with pytest.raises(ValueError):
         StrideGovernor(0)
 
@@ -78,12 +78,12 @@ def test_the_governor_rises_when_encoding_falls_behind_and_falls_with_room_to_sp
 def test_the_governor_keeps_a_stride_that_fits_within_a_third() -> None:
     """A measurement just below the current stride's need does not lower it (cached pairs belong to one grid)."""
     gov = StrideGovernor(max_stride=8)
-    gov.encoded(2.4)
-    assert gov.update(0.0, [2.0]) == 3  # ceil(2.4 / 0.8) = 3
-    gov.encode_s = 1.7  # needs ceil(1.7 / 0.8) = 3 still; with a third to spare ceil(2.26 / 0.8) = 3
-    assert gov.update(1.0, [2.0]) == 3
-    gov.encode_s = 1.1  # needs 2; with a third to spare ceil(1.46 / 0.8) = 2
-    assert gov.update(2.0, [2.0]) == 2
+    gov.encoded(0.6)
+    assert gov.update([2.0]) == 3  # ceil(0.6 / 0.25) = 3
+    gov.encode_s = 0.45  # needs ceil(1.8) = 2, but with a third to spare ceil(2.39) = 3: stays
+    assert gov.update([2.0]) == 3
+    gov.encode_s = 0.3  # with a third to spare ceil(1.6) = 2
+    assert gov.update([2.0]) == 2
 
 
 def test_a_young_stream_gets_whole_windows_at_a_lower_stride() -> None:

@@ -121,7 +121,7 @@ class Strides:
     def now(self, streams: Mapping[str, StreamFeed]) -> int:
         if self.governor is None:
             return self.fixed
-        return self.governor.update(time.monotonic(), [feed.sample_fps for feed in streams.values()])
+        return self.governor.update([feed.sample_fps for feed in streams.values()])
 
     def windows(self, feed: StreamFeed, n: int, stride: int, count: int) -> tuple[list[list[Frame]], int]:
         """Up to ``count`` candidate windows of ``n`` frames, newest first, and their stride:
@@ -138,10 +138,6 @@ class Strides:
     def encoded(self, seconds: float) -> None:
         if self.governor is not None:
             self.governor.encoded(seconds)
-
-    def answered(self, seconds: float) -> None:
-        if self.governor is not None:
-            self.governor.answered(time.monotonic(), seconds)
 
 
 class Warmer:
@@ -489,7 +485,6 @@ class InferenceLoop:
                         if not self._policy.queue and not self._policy.stopping:
                             self._lock.wait(min(wait, WARM_POLL_S) if wait is not None else WARM_POLL_S)
                 continue
-            started = time.monotonic()
             try:
                 self._answerer.answer(batch)
             except Exception as err:  # the loop outlives any one question
@@ -498,7 +493,6 @@ class InferenceLoop:
                 for job in batch:
                     self._reports.failed(job, "internal", describe)
             finally:
-                self._strides.answered(time.monotonic() - started)
                 with self._lock:
                     self._policy.batch_done()
 

@@ -454,61 +454,40 @@ class StrideGovernor:
     encoder keeps pace with the streams (``model.frame_stride: auto``).
 
     A window of ``frames`` frames at stride ``k`` gains one new frame pair every ``2k``
-    sampled frames; warm-up must encode those pairs between questions, or questions pay for
-    them. The stride is the smallest ``k`` at which one pair's measured encode time, for
-    every stream's pairs, takes at most ``headroom`` of the time the loop is not answering
-    questions (measured over the last ``horizon_s``), up to ``max_stride``. It rises as soon
-    as that needs it, and falls only when the smaller stride would still fit with a third to
-    spare, so that cached pairs (which belong to one stride's grid) are not thrown away by
-    every small change. Plain code: measurements and the time come in as arguments."""
+    sampled frames, and warm-up must encode those pairs between questions, or questions pay
+    for them. The stride is the smallest ``k`` at which encoding every stream's new pairs
+    takes at most ``encoder_share`` of the time (one pair's encode time is measured by
+    warm-up), so that the rest is left for questions, up to ``max_stride``. It rises as soon
+    as a measurement needs it and falls only when the smaller stride would fit with a third
+    to spare: cached pairs belong to one stride's grid, so every change costs a window's
+    vision work. Plain code: measurements come in as arguments."""
 
-    def __init__(self, max_stride: int, *, headroom: float = 0.8, horizon_s: float = 30.0) -> None:
+    def __init__(self, max_stride: int, *, encoder_share: float = 0.25) -> None:
         if max_stride < 1:
             raise ValueError("max_stride must be at least 1")
         self.max_stride = max_stride
-        self.headroom = headroom
-        self.horizon_s = horizon_s
+        self.encoder_share = encoder_share
         self.stride = 1
         #: Seconds to encode one frame pair (exponential average), None before the first.
         self.encode_s: float | None = None
-        self._busy: list[tuple[float, float]] = []  # (ended at, seconds answering questions)
-        self._since: float | None = None
 
     def encoded(self, seconds: float) -> None:
         """Warm-up encoded one frame pair in ``seconds``."""
         self.encode_s = seconds if self.encode_s is None else 0.7 * self.encode_s + 0.3 * seconds
 
-    def answered(self, now: float, seconds: float) -> None:
-        """The loop spent ``seconds`` up to ``now`` answering questions."""
-        self._busy.append((now, seconds))
-
-    def free_share(self, now: float) -> float:
-        """The share of the last ``horizon_s`` not spent answering questions (at least 0.1)."""
-        self._since = now if self._since is None else self._since
-        start = now - self.horizon_s
-        self._busy = [(at, s) for at, s in self._busy if at > start]
-        span = max(min(self.horizon_s, now - self._since), 1.0)
-        busy = sum(min(s, at - start) for at, s in self._busy)
-        return max(0.1, 1.0 - busy / span)
-
-    def update(self, now: float, sample_fps: list[float]) -> int:
+    def update(self, sample_fps: list[float]) -> int:
         """The stride to use now for streams sampled at ``sample_fps``."""
-        if self._since is None:
-            self._since = now
         if self.encode_s is None or not sample_fps:
             return self.stride
-        budget = self.headroom * self.free_share(now)
-        pairs_per_s_at_1 = sum(sample_fps) / 2
+        encode_s, pairs_per_s_at_1 = self.encode_s, sum(sample_fps) / 2
 
         def needed(margin: float) -> int:
-            return max(1, min(self.max_stride, math.ceil(self.encode_s * pairs_per_s_at_1 * margin / budget)))
+            share = encode_s * pairs_per_s_at_1 * margin / self.encoder_share
+            return max(1, min(self.max_stride, math.ceil(share)))
 
-        if needed(1.0) > self.stride:
-            self.stride = needed(1.0)
-            log.info("frame stride %d: one pair takes %.2f s to encode", self.stride, self.encode_s)
-        elif needed(1.33) < self.stride:
-            self.stride = needed(1.33)
-            log.info("frame stride %d: one pair takes %.2f s to encode", self.stride, self.encode_s)
+        if needed(1.0) > self.stride or needed(1.33) < self.stride:
+            self.stride = needed(1.0) if needed(1.0) > self.stride else needed(1.33)
+            log.info("frame stride %d: one frame pair takes %.2f s to encode", self.stride, encode_s)
         return self.stride
 
 
