@@ -269,11 +269,12 @@ class ModelConfig(_Strict):
     )
     max_frame_stride: int = Field(default=8, ge=1, le=64, description="frame_stride auto: the largest stride")
     prefill_chunk_tokens: int = Field(
-        default=256,
+        default=4096,
         ge=0,
         le=65536,
-        description="prefill in chunks of this many tokens, so questions and cancels "
-        "need not wait for a whole prefill (0: in one pass)",
+        description="prefills run one decoder layer at a time over chunks of at most this many tokens, so "
+        "questions and cancels wait for one layer of one chunk, not a whole prefill (0: the whole prompt prefix "
+        "in one chunk); each chunk costs a pass over the weights, so more chunks are slower",
     )
     backend: str = Field(
         default="transformers", min_length=1, description="engine: a name in streamer.inference.registry"

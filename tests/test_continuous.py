@@ -1,7 +1,8 @@
 """Continuous batching and fine-grained background work, with the tiny model and the loop
 itself: a row's answer goes out the step it ends, a question arriving mid-batch joins at the
-next step with generate's token ids, a cancel during a prefill ends within one chunk, warm-up
-does one chunk per step, and a chunked prefill equals the one-pass prefill."""
+next step with generate's token ids, a cancel during a prefill ends within one step (a decoder
+layer), warm-up does one step at a time, and a prefill stepped by layers and chunks equals the
+model's own one-pass forward."""
 
 from __future__ import annotations
 
@@ -169,76 +170,93 @@ def test_a_question_that_came_while_the_batch_window_was_newest_joins_it_after_a
     assert list(sink.answer("after-frame").token_ids) == newer_ids
 
 
-def test_a_cancel_during_a_prefill_ends_the_question_within_one_chunk(engine: TransformersEngine) -> None:
-    """Cancelled during the first prefill chunk, the question ends `cancelled` after at most one more forward pass."""
+def _decoder_layers(engine: TransformersEngine) -> list[torch.nn.Module]:
+    return list(engine.loaded.model.model.language_model.layers)
+
+
+def test_a_cancel_during_a_prefill_ends_the_question_within_one_step(engine: TransformersEngine) -> None:
+    """Cancelled after the prefill's first decoder layer, the question ends `cancelled` after at most one more layer."""
     ring = _ring(seed=5)
     loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=8)
     sink = Sink()
-    passes: list[str] = []
+    layers: list[str] = []
     cancelled = threading.Event()
 
-    def on_forward(module, args, kwargs) -> None:
-        passes.append("after cancel" if cancelled.is_set() else "before")
+    def on_layer(module, args, output) -> None:
+        layers.append("after cancel" if cancelled.is_set() else "before")
         if not cancelled.is_set():
             cancelled.set()
-            loop.cancel("c", "c")  # on the inference thread, between the prefill's chunks
+            loop.cancel("c", "c")  # on the inference thread, between two steps of the prefill
 
-    hook = engine.loaded.model.model.register_forward_pre_hook(on_forward, with_kwargs=True)  # prefill chunks too
+    hooks = [layer.register_forward_hook(on_layer) for layer in _decoder_layers(engine)]
     loop.start()
     try:
         loop.submit(_ask("c", sink, 64))
         sink.wait_finals(1)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         loop.stop()
     assert sink.finals() == {"c": ["cancelled"]}
-    assert passes.count("after cancel") <= 1, passes
+    assert layers.count("before") == 1 and layers.count("after cancel") <= 1, layers
     assert not [k for k, q, _ in sink.events if k == "token"]
 
 
-def test_warm_up_does_at_most_one_prefill_chunk_per_step(engine: TransformersEngine) -> None:
-    """Each warm step runs at most one forward pass, so a waiting question waits for one chunk at most."""
+def test_warm_up_does_one_pair_or_one_decoder_layer_per_step(engine: TransformersEngine) -> None:
+    """Each warm step encodes one frame pair or runs one decoder layer, so a waiting question waits for one step."""
     frames = window_of(_ring(seed=6), 8)
     rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
-    passes: list[int] = []
-    # The decoder wrapper: prefill chunks call it directly, full passes through the LM head.
-    hook = engine.loaded.model.model.register_forward_pre_hook(lambda m, a: passes.append(1))
+    layers: list[int] = []
+    towers: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: layers.append(1)) for layer in _decoder_layers(engine)]
+    hooks.append(engine.loaded.model.model.visual.register_forward_hook(lambda m, a, o: towers.append(1)))
     steps = 0
     try:
         while True:
-            before = len(passes)
+            before = len(layers), len(towers)
             if not engine.warm("warm", rgb, ids, 2.0):
                 break
             steps += 1
-            assert len(passes) - before <= 1
+            assert (len(layers) - before[0], len(towers) - before[1]) in {(1, 0), (0, 1)}
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     ready = engine.readiness("warm", rgb, ids, 2.0)
     assert ready is not None and ready.prefix_ready and ready.missing_pairs == 0
-    assert len(passes) > 2  # the prefill took several chunks
+    assert len(towers) == 4  # the window's four pairs, one per step
+    # Chunks of 32 tokens, each through every layer: several chunks, one layer per step.
+    assert len(layers) > 2 * len(_decoder_layers(engine)) and steps == len(layers) + len(towers)
 
 
-def test_a_chunked_prefill_equals_the_one_pass_prefill(engine: TransformersEngine) -> None:
-    """Prefilled in chunks of 7 tokens (boundaries inside the video), the cache and last logits equal one pass's."""
+def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: TransformersEngine) -> None:
+    """Stepped by layers in one chunk, the cache and last logits are the model's one forward's, bit for bit;
+    in chunks of 7 tokens (boundaries inside the video), they agree to float rounding."""
     frames = window_of(_ring(seed=7), 8)
     window = engine.vision.window("chunks", [f.rgb for f in frames], [(f.seq, f.ts) for f in frames])
     assert window is not None
     fast = engine.fast
     head, _ = split_prompt(fast.prompt_ids("?", window.embeds.shape[0]), fast._vision_end)
     runs = []
-    for chunk in (0, 7):
+    for chunk, by_layer in ((0, False), (0, True), (7, True)):
         run = PrefixPrefill(
             engine.loaded.model, head, window.embeds, window.grid, fast.video_pad, fast.rope_kwargs(2.0), chunk
         )
+        assert run.by_layer
+        run.by_layer = by_layer  # False: each chunk is one call of the model's forward
+        steps = 1
         while not run.step():
-            pass
+            steps += 1
+        assert steps == (1 if not by_layer else run.layers * -(-len(head) // (chunk or len(head))))
         runs.append(run)
-    one, chunked = runs
-    assert one.prefix is not None and chunked.prefix is not None
-    assert torch.allclose(one.last_logits, chunked.last_logits, atol=1e-4, rtol=1e-4)
-    for a, b in zip(one.prefix.cache.layers, chunked.prefix.cache.layers, strict=True):
-        assert torch.allclose(a.keys, b.keys, atol=1e-4, rtol=1e-4)
-        assert torch.allclose(a.values, b.values, atol=1e-4, rtol=1e-4)
+    forward, layered, chunked = runs
+    assert forward.prefix is not None and layered.prefix is not None and chunked.prefix is not None
+    assert torch.equal(forward.last_logits, layered.last_logits)
+    assert torch.allclose(forward.last_logits, chunked.last_logits, atol=1e-4, rtol=1e-4)
+    caches = (forward.prefix.cache, layered.prefix.cache, chunked.prefix.cache)
+    for a, b, c in zip(*(cache.layers for cache in caches), strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert torch.allclose(a.keys, c.keys, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(a.values, c.values, atol=1e-4, rtol=1e-4)
 
 
 def test_the_window_choice_prefers_a_prepared_window_within_the_lag() -> None:

@@ -108,7 +108,7 @@ class Engine(ABC):
         return results
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """Do one piece of work ahead of questions (encode a frame pair, prefill one chunk);
+        """Do one piece of work ahead of questions (encode a frame pair, one step of a prefill);
         True if there was some. Called by the inference loop when it has nothing else to do,
         which looks for questions between calls: a piece should be short."""
         return False

@@ -71,7 +71,7 @@ class IncrementalDecoder:
 
 class WindowPrefixes:
     """Owns a window's prompt and its prefilled shared prefix: the prompt's token ids, the
-    rope index's extra arguments, the prefix cache key, the chunked prefill (resumed across
+    rope index's extra arguments, the prefix cache key, the layer-stepped prefill (resumed across
     calls), and preparing windows ahead of questions (:meth:`warm`, :meth:`readiness`).
     :class:`FastRunner` builds on it to decode the rows that share a prefix."""
 
@@ -88,8 +88,8 @@ class WindowPrefixes:
         self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """One piece of the window's work: its newest missing pair, else one chunk of its
-        prefill; False when it is ready (or cannot take the fast path)."""
+        """One piece of the window's work: its newest missing pair, else one step of its
+        prefill (a decoder layer); False when it is ready (or cannot take the fast path)."""
         n = len(frames) - len(frames) % 2
         frames, ids = frames[-n:], ids[-n:]
         if self.vision.warm(stream, frames, ids):
@@ -102,7 +102,7 @@ class WindowPrefixes:
             return False
         window = self.vision.window(stream, frames, ids)
         assert window is not None  # its pairs are all cached
-        self.prefix_of(window, sample_fps, chunks=1)
+        self.prefix_of(window, sample_fps, steps=1)
         return True
 
     def readiness(
@@ -143,13 +143,14 @@ class WindowPrefixes:
         window: Window,
         sample_fps: float,
         *,
-        chunks: int | None = None,
+        steps: int | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Prefix | None:
         """The prefilled shared prefix of ``window``'s prompt (cached for recent windows),
-        prefilled in chunks of ``model.prefill_chunk_tokens``, resuming one under way; None
-        when it ran ``chunks`` chunks without finishing, or ``should_stop`` said so between
-        two chunks (what was done is kept for the next call)."""
+        prefilled a decoder layer at a time (:class:`PrefixPrefill`, over chunks of
+        ``model.prefill_chunk_tokens``), resuming one under way; None when it ran ``steps``
+        steps without finishing, or ``should_stop`` said so between two steps (what was done
+        is kept for the next call)."""
         key = self.prefix_key(window.keys, sample_fps)
         prefix = self.prefix_cache.get(key)
         if prefix is not None:
@@ -170,7 +171,7 @@ class WindowPrefixes:
         ran = 0
         while not run.step():
             ran += 1
-            if (chunks is not None and ran >= chunks) or (should_stop is not None and should_stop()):
+            if (steps is not None and ran >= steps) or (should_stop is not None and should_stop()):
                 # Keep the newest unfinished prefill only: a live window slides on.
                 self.prefills = {key: run}
                 return None

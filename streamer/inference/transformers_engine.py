@@ -246,7 +246,7 @@ class TransformersEngine(Engine):
             torch.cuda.empty_cache()
 
     def warm(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
-        """One piece of preparing the window: a missing pair, else one chunk of its prefill."""
+        """One piece of preparing the window: a missing pair, else one step (a decoder layer) of its prefill."""
         if self.fast_path_off is not None:
             return False
         return self.fast.warm(stream, frames, ids, sample_fps)
