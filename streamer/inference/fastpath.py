@@ -10,8 +10,9 @@ Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
   is made of cached pairs;
 - the prompt puts the video before the question, so every question about one window shares
   the prompt up to ``<|vision_end|>``: :class:`PrefixPrefill` prefills that prefix once (a
-  decoder layer at a time), :func:`decode` repeats its KV cache for each question, prefills each question's own tokens,
-  and decodes all of them as one batch, which rows leave the step they end and new rows
+  decoder layer at a time), :func:`decode` repeats its KV cache for each question, prefills
+  each question's own tokens, and decodes all of them as one batch, which rows leave the
+  step they end and new rows
   about the same prefix join between steps (continuous batching; padding columns between
   the prefix and each row's question are masked out, so rows of any length and start step
   share one cache).
