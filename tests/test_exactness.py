@@ -17,7 +17,7 @@ from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
 from streamer.inference import fastpath
 from streamer.inference.engine import GenerationRequest
-from streamer.inference.fastpath import Prefix, PrefixCache
+from streamer.inference.fastpath import Prefix, PrefixCache, split_prompt
 from streamer.inference.loader import LoadedModel, load_model
 from streamer.inference.loop import InferenceLoop
 from streamer.inference.questions import Question, StreamFeed
@@ -94,21 +94,23 @@ def _batched(engine: TransformersEngine, requests: list[GenerationRequest]) -> l
 
 
 class Recorder:
-    """The M-RoPE position ids and last-position logits of every forward pass of a model."""
+    """The M-RoPE position ids of every pass of a model's decoder, and the last-position
+    logits of every use of its output projection (a question's prompt pass, or its own
+    tokens prefilled with the shared prefix, then each decode step)."""
 
     def __init__(self, model) -> None:
         self.positions: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self._hooks = [
             model.model.language_model.register_forward_pre_hook(self._on_positions, with_kwargs=True),
-            model.register_forward_hook(self._on_output),
+            model.lm_head.register_forward_hook(self._on_output),
         ]
 
     def _on_positions(self, module, args, kwargs) -> None:
         self.positions.append(kwargs["position_ids"][-3:, 0].clone())  # generate prepends a text row
 
     def _on_output(self, module, args, output) -> None:
-        self.logits.append(output.logits[0, -1].clone())
+        self.logits.append(output[0, -1].clone())
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -138,7 +140,8 @@ def _assert_same_positions_logits_and_ids(engine: TransformersEngine, request: G
     assert len(fast_ids) > 0
     assert torch.equal(fast.sequence(), ref.sequence())
     # The shared prefix's chunks run the decoder without the output projection (no logits);
-    # the question's passes are generate's steps, one for one.
+    # the question's first logits (from its own tokens, prefilled with the prefix's last chunk
+    # on a new window) and each step's are generate's, one for one.
     assert len(fast.logits) == len(ref.logits)
     for ours, theirs in zip(fast.logits, ref.logits, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
@@ -153,7 +156,11 @@ def test_long_windows_get_generates_positions_logits_and_tokens(instruct: Loaded
     (request,) = _requests(_frames(frames, seed=frames), ["What is moving?"], stream=f"long{frames}")
     fast = _assert_same_positions_logits_and_ids(engine, request)
     # The case that matters: the question starts below the video's largest position + 1.
-    prefix, question = fast.positions[0], fast.positions[1]
+    sequence = fast.sequence()  # the prompt, then each generated token but the last
+    prompt_length = sequence.shape[1] - len(fast.logits) + 1
+    _, suffix = split_prompt(engine.fast.prompt_ids(request.question, 0), engine.fast._vision_end)
+    prefix_length = prompt_length - len(suffix)
+    prefix, question = sequence[:, :prefix_length], sequence[:, prefix_length:]
     assert question[0, 0] < prefix.max() + 1
 
 

@@ -350,6 +350,20 @@ class _ChunkRun:
     layer: int = 0
 
 
+@dataclass
+class Tail:
+    """A question's own tokens (after the shared prefix) prefilled in the same pass as the
+    prefix's last chunk, as ``generate`` prefills a whole prompt in one pass: on a cold window
+    the first question then costs no pass of its own. ``positions`` (3 x len(ids)) are the
+    question's from the rope index on its whole prompt. When the prefix is done, ``cache``
+    holds the prefix and these tokens and ``hidden`` the last token's final hidden state."""
+
+    ids: list[int]
+    positions: torch.Tensor
+    cache: Any = None
+    hidden: torch.Tensor | None = None
+
+
 class PrefixPrefill:
     """The prefill of a shared prefix (system prompt, video, ``<|vision_end|>``), run one
     decoder layer at a time so that other work can go between: :meth:`step` runs one layer
@@ -366,6 +380,10 @@ class PrefixPrefill:
     is stopped there; then the layers run in order and the model's final norm closes the
     chunk. Models whose layers take different masks (sliding-window layers) run each chunk as
     one forward instead.
+
+    A question waiting for the prefix may add its own tokens (:meth:`add_tail`) while the
+    chunk that ends the prefix has not begun: they are prefilled with it, and the shared
+    prefix's cache is cut from the result.
 
     Positions come from the model's rope index on the prefix alone, which equal the whole
     prompt's first positions (the index runs left to right); a chunk gets its slice of them,
@@ -403,6 +421,7 @@ class PrefixPrefill:
         #: Whether a step is one decoder layer (else one whole chunk).
         self.by_layer = len(layer_types) == 1
         self._chunk: _ChunkRun | None = None
+        self.tail: Tail | None = None
         self.done_tokens = 0
         self.prefix: Prefix | None = None
         #: The prefix's last hidden state (tests compare prefills by its logits).
@@ -413,18 +432,33 @@ class PrefixPrefill:
         """Decoder layers: the steps one chunk takes (when stepping by layer)."""
         return len(self._text.layers)
 
+    def add_tail(self, tail: Tail) -> bool:
+        """Prefill ``tail`` with the prefix's last chunk; False (nothing changes) when that
+        chunk has begun, or a tail is taken already."""
+        begun = self.prefix is not None or (self._chunk is not None and self._chunk.end >= len(self.ids))
+        if begun or self.tail is not None or not tail.ids:
+            return False
+        assert tail.positions.shape == (3, len(tail.ids))
+        ids = torch.tensor([tail.ids], device=self._tensor.device)
+        self._tensor = torch.cat([self._tensor, ids], dim=1)
+        self._video = torch.cat([self._video, torch.zeros_like(ids, dtype=torch.bool)], dim=1)
+        self._positions = torch.cat([self._positions, tail.positions.to(self._positions.device)], dim=1)
+        self.tail = tail
+        return True
+
     def step(self) -> bool:
         """Run the next decoder layer of the current chunk (or, without layer steps, the next
         chunk); True once the whole prefix is in the cache."""
         if self.prefix is not None:
             return True
+        total = self._tensor.shape[1]  # the prefix, and a tail's tokens
         with torch.inference_mode():
             if not self.by_layer:
-                end = min(len(self.ids), self.done_tokens + self.chunk_tokens)
+                end = min(total, self.done_tokens + self.chunk_tokens)
                 hidden = self.model.model(**self._chunk_inputs(end), use_cache=True).last_hidden_state
                 return self._chunk_done(end, hidden)
             if self._chunk is None:
-                end = min(len(self.ids), self.done_tokens + self.chunk_tokens)
+                end = min(total, self.done_tokens + self.chunk_tokens)
                 self._chunk = self._layer_inputs(end)
             run = self._chunk
             run.hidden = self._text.layers[run.layer](run.hidden, **run.kwargs)
@@ -432,7 +466,7 @@ class PrefixPrefill:
             if run.layer < self.layers:
                 return False
             self._chunk = None
-            return self._chunk_done(run.end, self._text.norm(run.hidden[:, -1:]))
+            return self._chunk_done(run.end, self._text.norm(run.hidden))
 
     def _chunk_inputs(self, end: int) -> dict[str, Any]:
         """The model's arguments for the tokens from ``done_tokens`` to ``end``."""
@@ -477,11 +511,25 @@ class PrefixPrefill:
         raise RuntimeError("the model's forward did not reach its first decoder layer")
 
     def _chunk_done(self, end: int, hidden: torch.Tensor) -> bool:
+        """The chunk from ``done_tokens`` to ``end`` is in the cache (``hidden``: its final
+        hidden states); True when it was the last."""
+        import copy
+
+        start, length = self.done_tokens, len(self.ids)
         self.done_tokens = end
-        if end < len(self.ids):
+        if start < length <= end:
+            self.last_hidden = hidden[:, length - 1 - start : length - start]
+        if end < self._tensor.shape[1]:
             return False
-        self.last_hidden = hidden[:, -1:]
-        self.prefix = Prefix(ids=self.ids, cache=self._cache, bytes=kv_bytes(self._cache))
+        cache = self._cache
+        if self.tail is not None:
+            # The question keeps the whole cache; the shared prefix is its first tokens.
+            self.tail.cache, self.tail.hidden = cache, hidden[:, -1:]
+            cache = copy.deepcopy(cache)
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., :length, :].clone()
+                layer.values = layer.values[..., :length, :].clone()
+        self.prefix = Prefix(ids=self.ids, cache=cache, bytes=kv_bytes(cache))
         return True
 
     @property
@@ -522,6 +570,7 @@ def decode(
     *,
     pad_id: int,
     joiners: Callable[[int], list[Row]] | None = None,
+    prefilled: Tail | None = None,
 ) -> int:
     """Decode every row's answer after the shared ``prefix`` (left untouched); returns the
     most bytes the batch's KV caches held.
@@ -534,8 +583,12 @@ def decode(
     ``row.on_done`` at once and leaves the batch. Between steps ``joiners(rows_running)``
     may hand over new rows about the same prefix: they are prefilled (their own tokens
     only) and decode from the next step on, beside the others (continuous batching).
+    ``prefilled``: the first row's tokens were prefilled with the prefix (:class:`Tail`).
     """
     batch = _Batch(model, prefix, pad_id)
+    if prefilled is not None:
+        batch.adopt(rows[0], prefilled)
+        rows = rows[1:]
     batch.add(rows)
     while batch.rows:
         batch.choose()
@@ -565,6 +618,20 @@ class _Batch:
         self.logits: torch.Tensor | None = None
         self.next_pos = torch.zeros((3, 0), dtype=torch.long, device=self.device)
         self.peak_bytes = 0
+
+    def adopt(self, row: Row, tail: Tail) -> None:
+        """Start the batch with ``row``, whose own tokens ``tail`` prefilled with the prefix
+        (its cache holds them; its last hidden state gives the row's first logits)."""
+        assert self.cache is None and tail.cache is not None and tail.hidden is not None
+        assert tail.ids == row.suffix
+        with torch.inference_mode():
+            self.logits = self.model.lm_head(tail.hidden)[:, -1]
+        self.cache = tail.cache
+        self.mask = torch.ones((1, self.prefix.length + len(row.suffix)), dtype=torch.long, device=self.device)
+        self.next_pos = row.next_position.to(self.device)[:, None]
+        self.rows.append(row)
+        self.ids.append(row.prompt.to(self.device))
+        self.peak_bytes = max(self.peak_bytes, kv_bytes(self.cache))
 
     def add(self, rows: list[Row]) -> None:
         """Prefill ``rows``' questions after a copy of the prefix and take them into the batch."""

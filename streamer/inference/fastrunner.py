@@ -23,6 +23,7 @@ from streamer.inference.fastpath import (
     PrefixCache,
     PrefixPrefill,
     Row,
+    Tail,
     VisionEncoder,
     Window,
     batch_kv_bytes,
@@ -145,12 +146,15 @@ class WindowPrefixes:
         *,
         steps: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        tail: Tail | None = None,
     ) -> Prefix | None:
         """The prefilled shared prefix of ``window``'s prompt (cached for recent windows),
         prefilled a decoder layer at a time (:class:`PrefixPrefill`, over chunks of
         ``model.prefill_chunk_tokens``), resuming one under way; None when it ran ``steps``
         steps without finishing, or ``should_stop`` said so between two steps (what was done
-        is kept for the next call)."""
+        is kept for the next call). ``tail``: a question's own tokens, prefilled with the
+        prefix's last chunk if that has not begun (:meth:`PrefixPrefill.add_tail`; its
+        ``cache`` is set when it was)."""
         key = self.prefix_key(window.keys, sample_fps)
         prefix = self.prefix_cache.get(key)
         if prefix is not None:
@@ -168,6 +172,8 @@ class WindowPrefixes:
                 self.rope_kwargs(sample_fps),
                 chunk_tokens=self.cfg.prefill_chunk_tokens,
             )
+        if tail is not None:
+            run.add_tail(tail)
         ran = 0
         while not run.step():
             ran += 1
@@ -233,12 +239,6 @@ class FastRunner(WindowPrefixes):
         if window is None:
             return None
         on_results = on_results or [lambda result: None] * len(requests)
-        prefix = self.prefix_of(window, first.sample_fps, should_stop=lambda: all(s() for s in should_stops))
-        if prefix is None:  # every question was cancelled during the prefill
-            results = [GenerationResult("", [], stopped=True, first_token_at=None) for _ in requests]
-            for result, on_result in zip(results, on_results, strict=True):
-                on_result(result)
-            return results
         results: list[GenerationResult | None] = [None] * len(requests)
 
         def keep(i: int, on_result: Callable[[GenerationResult], None]) -> Callable[[GenerationResult], None]:
@@ -248,10 +248,22 @@ class FastRunner(WindowPrefixes):
 
             return done
 
+        head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
         rows = [
-            self._row(window, prefix, r, t, s, keep(i, o))
+            self._row(window, head, r, t, s, keep(i, o))
             for i, (r, t, s, o) in enumerate(zip(requests, on_texts, should_stops, on_results, strict=True))
         ]
+        # A window not prefilled yet: the first question's tokens go with the prefix's last
+        # chunk, one pass as generate's, rather than a pass of their own after it.
+        tail = None
+        if self.prefix_key(window.keys, first.sample_fps) not in self.prefix_cache:
+            tail = Tail(rows[0].suffix, rows[0].positions)
+        prefix = self.prefix_of(window, first.sample_fps, should_stop=lambda: all(s() for s in should_stops), tail=tail)
+        if prefix is None:  # every question was cancelled during the prefill
+            results = [GenerationResult("", [], stopped=True, first_token_at=None) for _ in requests]
+            for result, on_result in zip(results, on_results, strict=True):
+                on_result(result)
+            return results
         longest = max(r.max_new_tokens for r in requests)
 
         def join(running: int) -> list[Row]:
@@ -261,20 +273,24 @@ class FastRunner(WindowPrefixes):
             while batch_kv_bytes(prefix, running + room + 1, 64, longest) <= self.batch_kv_limit:
                 room += 1
             joined = joiners(room) if room else []
-            return [self._row(window, prefix, j.request, j.on_text, j.should_stop, j.on_result) for j in joined]
+            return [self._row(window, head, j.request, j.on_text, j.should_stop, j.on_result) for j in joined]
 
         pad = self.generation.pad_token_id
         pad_id = pad if pad is not None else (self.loaded.processor.tokenizer.pad_token_id or 0)
         new_tokens = [r.max_new_tokens for r in requests]
+        prefilled = tail if tail is not None and tail.cache is not None else None
         for part in self._parts(prefix, rows, new_tokens):
-            self.batch_kv_bytes = fastpath.decode(self.loaded.model, prefix, part, pad_id=pad_id, joiners=join)
+            self.batch_kv_bytes = fastpath.decode(
+                self.loaded.model, prefix, part, pad_id=pad_id, joiners=join, prefilled=prefilled
+            )
+            prefilled = None  # the first part's first row
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     def _row(
         self,
         window: Window,
-        prefix: Prefix,
+        head: list[int],
         request: GenerationRequest,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
@@ -285,8 +301,8 @@ class FastRunner(WindowPrefixes):
         model = self.loaded.model
         tokenizer = self.loaded.processor.tokenizer
         ids = self.prompt_ids(request.question, window.embeds.shape[0])
-        head, suffix = split_prompt(ids, self._vision_end)
-        assert head == prefix.ids
+        own_head, suffix = split_prompt(ids, self._vision_end)
+        assert own_head == head  # the shared prefix
         prompt = torch.tensor([ids], device=self.loaded.device)
         rope_kwargs = self.rope_kwargs(request.sample_fps)
         positions = rope_positions(model, prompt, window.grid, self.video_pad, rope_kwargs) + self.fault_shift
