@@ -159,3 +159,64 @@ def test_a_strided_answer_is_the_seed_pipelines_on_its_frames_at_the_strided_rat
         fps=2.0 / 3,
     )
     assert list(answer.token_ids) == reference_generate(engine.loaded.model, inputs, max_new_tokens=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_id", "chunk"), [("tiny-random-instruct", 4096), ("tiny-random-qwen2.5-vl", 16)])
+def test_a_window_prefilled_before_its_newest_pair_came_answers_as_the_seed_pipeline(
+    streamer_cache: Path, model_id: str, chunk: int
+) -> None:
+    """Stride 3: the next window's prefill runs ahead up to its newest pair's tokens; when the pair comes, the
+    answer prefills only that pair's tokens and its own, and its token ids are generate's on those frames."""
+    from streamer.inference.fastpath import split_prompt
+    from streamer.inference.loop import _ids
+
+    ensure_tiny_model(model_id)
+    cfg = ModelConfig(id=model_id, prefill_chunk_tokens=chunk)
+    engine = TransformersEngine(load_model(cfg), cfg)
+    ring = _ring(40, side=112)
+    (window,) = strided_windows(ring, 4, 3, 1)
+    assert [f.seq for f in window] == [30, 33, 36, 39]
+    rgb, ids = [f.rgb for f in window], _ids(window)
+    while engine.warm("s", rgb, ids, 2.0 / 3):
+        pass
+    ahead = 0
+    while engine.warm_ahead("s", rgb, ids, 2.0 / 3):
+        ahead += 1
+    assert ahead > 0 and engine.fast.ahead["s"][1].blocked
+    for _ in range(6):  # seq 40-45: the pair (42, 45) comes
+        ring.push(np.random.default_rng(45).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    question = "What is moving?"
+    prompt = engine.fast.prompt_ids(question, 1)
+    _, suffix = split_prompt(prompt, engine.fast._vision_end)
+    encoded = engine.vision.window("s", rgb, ids)
+    assert encoded is not None
+    pair_tokens = encoded.embeds.shape[0] // 2
+    lengths: list[int] = []  # the first decoder layer's input lengths, in passes that run it
+    layer = engine.loaded.model.model.language_model.layers[0]
+    hook = layer.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
+    loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=4, frame_stride=3)
+    sink = _Answers()
+    loop.start()
+    try:
+        loop.submit(Question(id="q", stream="s", text=question, owner="o", sink=sink, frames=4, max_new_tokens=12))  # type: ignore[arg-type]
+        sink.wait(1)
+    finally:
+        loop.stop()
+        hook.remove()
+    answer = sink.answers["q"]
+    assert list(answer.frames.seqs()) == [36, 39, 42, 45]
+    assert "s" not in engine.fast.ahead  # taken by the question
+    # The tokens the decoder saw: the new pair's, <|vision_end|> and the question's (the prefill, in chunks
+    # of 16 or one), then each token generated but the last.
+    assert sum(lengths) == pair_tokens + 1 + len(suffix) + len(answer.token_ids) - 1, lengths
+    frames = {f.seq: f.rgb for f in ring.latest(64)}
+    inputs = reference_inputs(
+        engine.loaded.processor,
+        [frames[s] for s in answer.frames.seqs()],
+        question,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        fps=2.0 / 3,
+    )
+    assert list(answer.token_ids) == reference_generate(engine.loaded.model, inputs, max_new_tokens=12)

@@ -113,6 +113,12 @@ class Engine(ABC):
         which looks for questions between calls: a piece should be short."""
         return False
 
+    def warm_ahead(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
+        """Do one piece of the next window's work before its newest frames exist (the window
+        that drops ``frames``' oldest pair and adds the stream's next one); True if there was
+        some. Called like :meth:`warm`, once the current window is ready."""
+        return False
+
     def readiness(
         self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
     ) -> Readiness | None:

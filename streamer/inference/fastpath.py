@@ -381,6 +381,12 @@ class PrefixPrefill:
     chunk. Models whose layers take different masks (sliding-window layers) run each chunk as
     one forward instead.
 
+    A prefill may start before its last video embeddings exist (``video_embeds`` holds the
+    first rows only): it runs up to the first video token without its row, then waits
+    (:attr:`blocked`) until :meth:`supply` hands over all of them. Causal attention makes
+    the tokens before that point independent of what follows, so on a live stream the next
+    window's prefill runs while its newest frames are still to come.
+
     A question waiting for the prefix may add its own tokens (:meth:`add_tail`) while the
     chunk that ends the prefix has not begun: they are prefilled with it, and the shared
     prefix's cache is cut from the result.
@@ -413,6 +419,9 @@ class PrefixPrefill:
         self._embeds = video_embeds
         self._grid = video_grid_thw
         self.chunk_tokens = chunk_tokens or len(prefix)
+        self._video_at = self._video[0].nonzero()[:, 0].tolist()  # the video tokens' indices
+        self._ready_until = 0
+        self._note_embeds()
         with torch.inference_mode():
             self._positions = rope_positions(model, self._tensor, video_grid_thw, video_token_id, rope_kwargs)
         self._cache = DynamicCache(config=model.config)
@@ -431,6 +440,22 @@ class PrefixPrefill:
     def layers(self) -> int:
         """Decoder layers: the steps one chunk takes (when stepping by layer)."""
         return len(self._text.layers)
+
+    def _note_embeds(self) -> None:
+        """Up to which token the prefill may run with the video embeddings it has."""
+        known = self._embeds.shape[0]
+        self._ready_until = self._video_at[known] if known < len(self._video_at) else len(self.ids)
+
+    @property
+    def blocked(self) -> bool:
+        """The next step needs video embeddings not supplied yet."""
+        return self.prefix is None and self._chunk is None and self.done_tokens >= self._ready_until < len(self.ids)
+
+    def supply(self, video_embeds: torch.Tensor) -> None:
+        """All the video's embeddings (the rows given at the start among them, unchanged)."""
+        assert video_embeds.shape[0] == len(self._video_at)
+        self._embeds = video_embeds
+        self._note_embeds()
 
     def add_tail(self, tail: Tail) -> bool:
         """Prefill ``tail`` with the prefix's last chunk; False (nothing changes) when that
@@ -451,7 +476,11 @@ class PrefixPrefill:
         chunk); True once the whole prefix is in the cache."""
         if self.prefix is not None:
             return True
+        if self.blocked:
+            raise RuntimeError("the prefill waits for video embeddings: supply them first")
         total = self._tensor.shape[1]  # the prefix, and a tail's tokens
+        if self._ready_until < len(self.ids):
+            total = self._ready_until
         with torch.inference_mode():
             if not self.by_layer:
                 end = min(total, self.done_tokens + self.chunk_tokens)

@@ -83,6 +83,9 @@ class WindowPrefixes:
         self.prefix_cache = prefix_cache
         #: Prefills under way (resumed by the next warm step or question about their window).
         self.prefills: dict[Hashable, PrefixPrefill] = {}
+        #: Per stream, the next window's prefill begun before its newest pair exists
+        #: (:meth:`warm_ahead`): the pairs it starts with, and the prefill.
+        self.ahead: dict[str, tuple[Hashable, PrefixPrefill]] = {}
         self._second_per_grid: dict[float, Any] = {}
         tok = loaded.processor.tokenizer
         self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
@@ -105,6 +108,54 @@ class WindowPrefixes:
         assert window is not None  # its pairs are all cached
         self.prefix_of(window, sample_fps, steps=1)
         return True
+
+    def warm_ahead(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
+        """One step of the next window's prefill, before its newest pair exists: the window
+        that drops this one's oldest pair and adds the next pair (on a grid of frame pairs,
+        the window a live stream shows next). Its prompt and positions are this window's
+        (same frame count and size); its video embeddings but the last pair's are this
+        window's newer pairs', so the prefill runs up to where the new pair's tokens start.
+        When that window comes, :meth:`prefix_of` hands its last pair over and goes on from
+        there. False when there is nothing to do: this window is not fully encoded, or the
+        prefill ahead is as far as it can go."""
+        n = len(frames) - len(frames) % 2
+        frames, ids = frames[-n:], ids[-n:]
+        pairs = self.vision.pair_keys(stream, frames, ids)
+        if pairs is None or len(pairs) < 2 or any(key not in self.vision.cache for _, key in pairs):
+            return False
+        window = self.vision.window(stream, frames, ids)
+        assert window is not None
+        rows = window.embeds.shape[0] // len(pairs)  # video tokens per pair
+        key = (window.keys[1:], self.prefix_key((), sample_fps), tuple(window.grid[0].tolist()))
+        known, run = self.ahead.get(stream, (None, None))
+        if run is None or known != key:
+            head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
+            run = PrefixPrefill(
+                self.loaded.model,
+                head,
+                window.embeds[rows:].to(self.loaded.dtype),
+                window.grid,
+                self.video_pad,
+                self.rope_kwargs(sample_fps),
+                chunk_tokens=self.cfg.prefill_chunk_tokens,
+            )
+            self.ahead[stream] = (key, run)
+        if run.blocked or run.prefix is not None:
+            return False
+        run.step()
+        return True
+
+    def _ahead_for(self, window: Window, sample_fps: float) -> PrefixPrefill | None:
+        """The prefill begun ahead for ``window`` (its pairs but the last, its grid and frame
+        rate), with the window's embeddings supplied; None if there is none."""
+        stream = window.keys[0].stream
+        known, run = self.ahead.get(stream, (None, None))
+        key = (window.keys[:-1], self.prefix_key((), sample_fps), tuple(window.grid[0].tolist()))
+        if run is None or known != key:
+            return None
+        del self.ahead[stream]
+        run.supply(window.embeds.to(self.loaded.dtype))
+        return run
 
     def readiness(
         self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
@@ -159,7 +210,7 @@ class WindowPrefixes:
         prefix = self.prefix_cache.get(key)
         if prefix is not None:
             return prefix
-        run = self.prefills.pop(key, None)
+        run = self.prefills.pop(key, None) or self._ahead_for(window, sample_fps)
         if run is None:
             head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
             embeds = window.embeds.to(self.loaded.dtype)

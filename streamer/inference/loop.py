@@ -145,9 +145,13 @@ class Warmer:
     ``frames`` frames of each stream, one short piece per step. It keeps at one window until
     that is ready or lags the newest frame by more than ``window_lag_s`` (a live window
     slides on faster than a CPU prefills; questions may take a prepared window that recent),
-    then moves to the newest window that shares the most pairs with it. It times the pieces
-    that encode a frame pair, for the stride (:class:`Strides`). A failure is logged and
-    pauses it for a while; questions are not affected."""
+    then moves to the newest window that shares the most pairs with it. With windows on a
+    grid of frame pairs (a stride), once every window is ready it begins the prefill of the
+    window the stream's next pair will make, as far as the frames it has allow
+    (:meth:`Engine.warm_ahead`): when that pair comes, only its encoding and the rest of the
+    prefill stand between its capture and a prepared window. It times the pieces that encode
+    a frame pair, for the stride (:class:`Strides`). A failure is logged and pauses it for a
+    while; questions are not affected."""
 
     def __init__(self, engine: Engine, frames: int, window_lag_s: float = 0.0, strides: Strides | None = None) -> None:
         self.engine = engine
@@ -175,6 +179,16 @@ class Warmer:
                             self.strides.encoded(time.monotonic() - started)
                         self._targets[name] = (frames, k)
                         return True
+            if self.strides.aligned:
+                # Every window is ready: begin the next one's prefill, on the grid the one
+                # that adds the stream's next pair, up to where that pair's tokens start.
+                for name, feed in list(streams.items()):
+                    newest, k = self.strides.windows(feed, self.frames, stride, 1)
+                    if newest and len(newest[0]) == self.frames:
+                        frames = newest[0]
+                        rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
+                        if self.engine.warm_ahead(name, rgb, ids, fps):
+                            return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
             self._paused_until = time.monotonic() + WARM_PAUSE_S

@@ -251,6 +251,12 @@ class TransformersEngine(Engine):
             return False
         return self.fast.warm(stream, frames, ids, sample_fps)
 
+    def warm_ahead(self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float) -> bool:
+        """One step (a decoder layer) of the next window's prefill, up to its newest pair's tokens."""
+        if self.fast_path_off is not None:
+            return False
+        return self.fast.warm_ahead(stream, frames, ids, sample_fps)
+
     def readiness(
         self, stream: str, frames: Sequence[np.ndarray], ids: Sequence[Hashable], sample_fps: float
     ) -> Readiness | None:
