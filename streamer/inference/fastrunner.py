@@ -9,6 +9,7 @@ Called from the inference loop's one thread.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -33,6 +34,8 @@ from streamer.inference.fastpath import (
 from streamer.inference.generation import row_decoding
 from streamer.inference.loader import LoadedModel
 from streamer.inference.video import chat_messages, processor_inputs
+
+log = logging.getLogger(__name__)
 
 
 class IncrementalDecoder:
@@ -155,6 +158,7 @@ class WindowPrefixes:
             return None
         del self.ahead[stream]
         run.supply(window.embeds.to(self.loaded.dtype))
+        log.debug("window %s: its prefill begun ahead has %d of %d tokens", stream, run.done_tokens, len(run.ids))
         return run
 
     def readiness(
