@@ -127,6 +127,18 @@ def test_a_batch_takes_questions_about_the_same_window_up_to_max_batch() -> None
     assert fresh.wants_more()  # one waits: a starting batch may wait for more
 
 
+def test_joiners_run_beside_a_batch_but_leave_the_batch_handed_out_as_it_was() -> None:
+    """Questions that join a running batch count as running; the batch the loop was handed stays its own."""
+    policy = _policy(max_batch=4)
+    policy.admit(_ask("first", owner="a"))
+    batch = policy.take_batch()
+    policy.admit(_ask("late", owner="b"))
+    joined = policy.take_joiners(batch[0], 4, lambda job: True)
+    assert [job.id for job in joined] == ["late"]
+    assert [job.id for job in policy.running] == ["first", "late"]
+    assert [job.id for job in batch] == ["first"]  # the loop pairs it with the engine's results
+
+
 def test_cancel_takes_out_waiting_asks_and_watches_and_stops_running_ones() -> None:
     """A cancel removes matching waiting asks and watches (with their waiting round), and marks running ones."""
     policy = _policy()

@@ -320,7 +320,7 @@ class Policy:
             if q.stream == first.stream and q.mode == first.question.mode and q.frames == first.question.frames:
                 self.queue.remove(job)
                 batch.append(job)
-        self.running = batch
+        self.running = list(batch)  # joiners extend what runs, not the batch handed out
         return batch
 
     def take_joiners(self, first: Job, room: int, fresh_enough: Callable[[Job], bool]) -> list[Job]:
