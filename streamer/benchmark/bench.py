@@ -349,17 +349,20 @@ def run_live(
 
 def run_cold(sc: Scenario, folder: Path, video: Path, loaded: Any, cfg: Any, *, questions: int) -> dict[str, Any]:
     """Nothing prepared ahead: each question on a window never seen (one window's time apart),
-    then ``clients`` questions at once on a fresh window (throughput with its one-time cost)."""
+    then ``clients`` questions at once on a fresh window (throughput with its one-time cost).
+    Each single question's reference runs right after it (the server idles meanwhile: nothing
+    is prepared ahead), so a host whose speed drifts over minutes does not tilt the ratio."""
     server = _live_server(sc, folder, video, prewarm=False, window_lag_s=0.0)
     apart = sc.frames / SAMPLE_FPS + 1.0  # the next window shares no frame with the last
+    ring = server.runtime.captures["bench"].ring
     try:
-        singles = []
+        singles, refs = [], []
         for i in range(questions):
             time.sleep(apart)
-            singles.append(asyncio.run(_ask_one(server.url, QUESTIONS[i % len(QUESTIONS)], f"cold{i}", sc.new_tokens)))
+            asked = asyncio.run(_ask_one(server.url, QUESTIONS[i % len(QUESTIONS)], f"cold{i}", sc.new_tokens))
+            singles.append(asked)
+            refs.append(_reference_on(loaded, cfg, sc, {f.seq: f.rgb for f in ring.latest(1024)}, asked))
         time.sleep(apart)
-
-        ring = server.runtime.captures["bench"].ring
 
         async def together() -> tuple[list[Asked], float]:
             # All connected first, then sent just after a frame is sampled: the burst arrives
@@ -391,7 +394,6 @@ def run_cold(sc: Scenario, folder: Path, video: Path, loaded: Any, cfg: Any, *, 
         frames = {f.seq: f.rgb for f in server.runtime.captures["bench"].ring.latest(1024)}
     finally:
         server.stop()
-    refs = [_reference_on(loaded, cfg, sc, frames, a) for a in singles]
     burst_refs = [_reference_on(loaded, cfg, sc, frames, a) for a in burst]
     everything = [*zip(singles, refs, strict=True), *zip(burst, burst_refs, strict=True)]
     windows = {tuple(a.answer["frames"][k] for k in ("first_seq", "last_seq")) for a in burst}
