@@ -14,8 +14,8 @@
   time to first token), with how many of the window's pairs were not yet encoded and whether
   its prefix was ready;
 - **cold**: the same live stream with nothing prepared ahead, each question on a window never
-  seen, then ``clients`` questions at once on a fresh window: throughput with the window's
-  one-time cost included.
+  seen (its reference right after it), then ``clients`` questions at once on a fresh window:
+  throughput with the window's one-time cost included.
 
 Both use the same model folder (a random-weight Qwen2-VL in Qwen2-VL-2B's shape, both
 depths cut by one factor so the vision/LLM split of the work is kept, built once and
