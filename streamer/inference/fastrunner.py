@@ -126,12 +126,13 @@ class WindowPrefixes:
         pairs = self.vision.pair_keys(stream, frames, ids)
         if pairs is None or len(pairs) < 2 or any(key not in self.vision.cache for _, key in pairs):
             return False
-        window = self.vision.window(stream, frames, ids)
-        assert window is not None
-        rows = window.embeds.shape[0] // len(pairs)  # video tokens per pair
-        key = (window.keys[1:], self.prefix_key((), sample_fps), tuple(window.grid[0].tolist()))
+        # The pairs it starts with (their keys hold the frame size) and the frame rate.
+        key = (tuple(key for _, key in pairs[1:]), self.prefix_key((), sample_fps))
         known, run = self.ahead.get(stream, (None, None))
         if run is None or known != key:
+            window = self.vision.window(stream, frames, ids)
+            assert window is not None
+            rows = window.embeds.shape[0] // len(pairs)  # video tokens per pair
             head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
             run = PrefixPrefill(
                 self.loaded.model,
@@ -153,8 +154,7 @@ class WindowPrefixes:
         rate), with the window's embeddings supplied; None if there is none."""
         stream = window.keys[0].stream
         known, run = self.ahead.get(stream, (None, None))
-        key = (window.keys[:-1], self.prefix_key((), sample_fps), tuple(window.grid[0].tolist()))
-        if run is None or known != key:
+        if run is None or known != (window.keys[:-1], self.prefix_key((), sample_fps)):
             return None
         del self.ahead[stream]
         run.supply(window.embeds.to(self.loaded.dtype))
