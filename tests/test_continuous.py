@@ -17,7 +17,7 @@ import torch
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
 from streamer.inference.engine import Engine, GenerationRequest, Joiner
-from streamer.inference.fastpath import PrefixPrefill, split_prompt
+from streamer.inference.fastpath import PrefixPrefill
 from streamer.inference.loader import load_model
 from streamer.inference.loop import InferenceLoop
 from streamer.inference.policy import WindowOption, choose_window
@@ -235,7 +235,7 @@ def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: Trans
     window = engine.vision.window("chunks", [f.rgb for f in frames], [(f.seq, f.ts) for f in frames])
     assert window is not None
     fast = engine.fast
-    head, _ = split_prompt(fast.prompt_ids("?", window.embeds.shape[0]), fast._vision_end)
+    head = fast.prefix_ids(window.embeds.shape[0])
     runs = []
     for chunk, by_layer in ((0, False), (0, True), (7, True)):
         run = PrefixPrefill(

@@ -99,6 +99,38 @@ def test_a_young_stream_gets_whole_windows_at_a_lower_stride() -> None:
     assert stride == 4 and len(window) == 8 and window[-1].seq == 52  # 56 starts a pair
 
 
+def test_once_every_window_is_ready_warm_up_works_ahead_on_the_grid_only() -> None:
+    """Stride 3: with nothing left to prepare, warm-up hands the newest grid window to warm_ahead (at 2/3 fps);
+    at stride 1 (windows not on a grid) it never does."""
+    from streamer.inference.engine import Engine
+    from streamer.inference.loop import Strides, Warmer
+
+    class Ready(Engine):
+        note = None
+        model_id = "x"
+
+        def __init__(self) -> None:
+            self.ahead: list[tuple[str, list[int], float]] = []
+
+        def generate(self, request, on_text, should_stop):  # pragma: no cover - never asked
+            raise AssertionError
+
+        def warm(self, stream, frames, ids, sample_fps) -> bool:
+            return False  # every window is ready
+
+        def warm_ahead(self, stream, frames, ids, sample_fps) -> bool:
+            self.ahead.append((stream, [seq for seq, _ in ids], sample_fps))
+            return True
+
+    feeds = {"s": StreamFeed(_ring(40), 2.0)}
+    engine = Ready()
+    assert Warmer(engine, 4, strides=Strides(frame_stride=3)).step(feeds)  # type: ignore[arg-type]
+    assert engine.ahead == [("s", [30, 33, 36, 39], 2.0 / 3)]
+    engine.ahead.clear()
+    assert not Warmer(engine, 4, strides=Strides(frame_stride=1)).step(feeds)  # type: ignore[arg-type]
+    assert engine.ahead == []
+
+
 class _Answers:
     def __init__(self) -> None:
         self.answers: dict[str, Answer] = {}

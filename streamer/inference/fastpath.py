@@ -12,10 +12,9 @@ Two facts about Qwen2-VL make this exact (see ``NOTES-qwen2vl.md``):
   the prompt up to ``<|vision_end|>``: :class:`PrefixPrefill` prefills that prefix once (a
   decoder layer at a time), :func:`decode` repeats its KV cache for each question, prefills
   each question's own tokens, and decodes all of them as one batch, which rows leave the
-  step they end and new rows
-  about the same prefix join between steps (continuous batching; padding columns between
-  the prefix and each row's question are masked out, so rows of any length and start step
-  share one cache).
+  step they end and new rows about the same prefix join between steps (continuous
+  batching; padding columns between the prefix and each row's question are masked out, so
+  rows of any length and start step share one cache).
 
 Nothing ``generate`` decides is re-derived here: each row's M-RoPE positions come from the
 model's own rope index on that row's whole prompt, and its tokens are chosen by the logits
@@ -420,7 +419,6 @@ class PrefixPrefill:
         self._grid = video_grid_thw
         self.chunk_tokens = chunk_tokens or len(prefix)
         self._video_at = self._video[0].nonzero()[:, 0].tolist()  # the video tokens' indices
-        self._ready_until = 0
         self._note_embeds()
         with torch.inference_mode():
             self._positions = rope_positions(model, self._tensor, video_grid_thw, video_token_id, rope_kwargs)

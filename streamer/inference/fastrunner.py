@@ -133,10 +133,9 @@ class WindowPrefixes:
             window = self.vision.window(stream, frames, ids)
             assert window is not None
             rows = window.embeds.shape[0] // len(pairs)  # video tokens per pair
-            head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
             run = PrefixPrefill(
                 self.loaded.model,
-                head,
+                self.prefix_ids(window.embeds.shape[0]),
                 window.embeds[rows:].to(self.loaded.dtype),
                 window.grid,
                 self.video_pad,
@@ -216,12 +215,10 @@ class WindowPrefixes:
             return prefix
         run = self.prefills.pop(key, None) or self._ahead_for(window, sample_fps)
         if run is None:
-            head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
-            embeds = window.embeds.to(self.loaded.dtype)
             run = PrefixPrefill(
                 self.loaded.model,
-                head,
-                embeds,
+                self.prefix_ids(window.embeds.shape[0]),
+                window.embeds.to(self.loaded.dtype),
                 window.grid,
                 self.video_pad,
                 self.rope_kwargs(sample_fps),
@@ -239,6 +236,12 @@ class WindowPrefixes:
         assert run.prefix is not None
         self.prefix_cache.put(key, run.prefix)
         return run.prefix
+
+    def prefix_ids(self, video_tokens: int) -> list[int]:
+        """The token ids every question about a window of ``video_tokens`` shares: the
+        prompt up to ``<|vision_end|>``."""
+        head, _ = split_prompt(self.prompt_ids("?", video_tokens), self._vision_end)
+        return head
 
     def prompt_ids(self, question: str, video_tokens: int) -> list[int]:
         """The whole prompt's token ids, the video's ``video_tokens`` placeholders included,
@@ -303,16 +306,14 @@ class FastRunner(WindowPrefixes):
 
             return done
 
-        head, _ = split_prompt(self.prompt_ids("?", window.embeds.shape[0]), self._vision_end)
+        head = self.prefix_ids(window.embeds.shape[0])
         rows = [
             self._row(window, head, r, t, s, keep(i, o))
             for i, (r, t, s, o) in enumerate(zip(requests, on_texts, should_stops, on_results, strict=True))
         ]
         # A window not prefilled yet: the first question's tokens go with the prefix's last
         # chunk, one pass as generate's, rather than a pass of their own after it.
-        tail = None
-        if self.prefix_key(window.keys, first.sample_fps) not in self.prefix_cache:
-            tail = Tail(rows[0].suffix, rows[0].positions)
+        tail = Tail(rows[0].suffix, rows[0].positions)
         prefix = self.prefix_of(window, first.sample_fps, should_stop=lambda: all(s() for s in should_stops), tail=tail)
         if prefix is None:  # every question was cancelled during the prefill
             results = [GenerationResult("", [], stopped=True, first_token_at=None) for _ in requests]
@@ -333,7 +334,7 @@ class FastRunner(WindowPrefixes):
         pad = self.generation.pad_token_id
         pad_id = pad if pad is not None else (self.loaded.processor.tokenizer.pad_token_id or 0)
         new_tokens = [r.max_new_tokens for r in requests]
-        prefilled = tail if tail is not None and tail.cache is not None else None
+        prefilled = tail if tail.cache is not None else None
         for part in self._parts(prefix, rows, new_tokens):
             self.batch_kv_bytes = fastpath.decode(
                 self.loaded.model, prefix, part, pad_id=pad_id, joiners=join, prefilled=prefilled

@@ -167,8 +167,11 @@ class Warmer:
             return False
         try:
             stride = self.strides.now(streams)
+            newest: list[tuple[str, list[Frame], float]] = []  # per stream: its newest window, its rate
             for name, feed in list(streams.items()):
                 windows, k = self._windows(name, feed, stride)
+                if windows:
+                    newest.append((name, windows[-1], feed.sample_fps / k))
                 for frames in windows:
                     rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
                     timed = self.strides.governor is not None
@@ -182,13 +185,9 @@ class Warmer:
             if self.strides.aligned:
                 # Every window is ready: begin the next one's prefill, on the grid the one
                 # that adds the stream's next pair, up to where that pair's tokens start.
-                for name, feed in list(streams.items()):
-                    newest, k = self.strides.windows(feed, self.frames, stride, 1)
-                    if newest and len(newest[0]) == self.frames:
-                        frames = newest[0]
-                        rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
-                        if self.engine.warm_ahead(name, rgb, ids, fps):
-                            return True
+                for name, frames, fps in newest:
+                    if self.engine.warm_ahead(name, [f.rgb for f in frames], _ids(frames), fps):
+                        return True
         except Exception:
             log.exception("preparing windows ahead of questions failed; pausing it for %.0f s", WARM_PAUSE_S)
             self._paused_until = time.monotonic() + WARM_PAUSE_S
