@@ -8,7 +8,8 @@
   slides and its vision work and prefill are done before the first timed question (the best
   case);
 - **live**: the clip looped and paced at real time, the window sliding, questions at random
-  moments (a server in this process, so the frames each answer used can be read back): time to
+  moments that do not depend on the answers (one every 10 s on average; ``--live-every 0``
+  asks back to back instead) (a server in this process, so the frames each answer used can be read back): time to
   first token, and capture-to-first-token (from the capture of the newest frame used to the
   first token; for the reference, which takes the newest frames when the question comes, its
   time to first token), with how many of the window's pairs were not yet encoded and whether
@@ -101,9 +102,11 @@ FULL = Scenario(depth_factor=4, frames=8, side=448, clients=8, new_tokens=16)
 QUICK = Scenario(depth_factor=14, frames=4, side=336, clients=4, new_tokens=8)
 #: Live and cold: questions asked (full, quick), and the clip's length in frames (its frames
 #: all differ, so a window is never seen twice within a loop).
-LIVE_QUESTIONS = {False: 6, True: 3}
+LIVE_QUESTIONS = {False: 8, True: 3}
 COLD_QUESTIONS = {False: 3, True: 2}
 LIVE_CLIP_FRAMES = 40
+#: Live: one question every this many seconds on average, at random moments.
+LIVE_EVERY_S = {False: 10.0, True: 4.0}
 SAMPLE_FPS = 2.0
 
 
@@ -301,20 +304,38 @@ def run_live(
     window_lag_s: float,
     frame_stride: int | str = 1,
     settle_s: float = 0.0,
+    every_s: float = LIVE_EVERY_S[False],
 ) -> dict[str, Any]:
-    """Questions at random moments on the paced, looping clip, one at a time, the first after
-    the stream has run ``settle_s`` (a live camera runs before anyone asks: warm-up has
-    measured the encoder and the stride has settled)."""
+    """Questions at random moments on the paced, looping clip, the first after the stream has
+    run ``settle_s`` (a live camera runs before anyone asks: warm-up has measured the encoder
+    and the stride has settled). The moments do not depend on the answers: question ``i`` is
+    asked at a uniformly random time within the ``i``-th span of ``every_s`` seconds, on a
+    connection of its own, whether or not the one before has been answered (people asking
+    about a stream do not wait for each other). ``every_s`` 0: back to back instead, each
+    question 1-3 s after the answer before (a CPU kept busy by one impatient client: the
+    faster the answers, the more questions)."""
     import random
 
     rng = random.Random(BENCH_SEED)
+    moments = [i * every_s + rng.uniform(0.0, every_s) for i in range(questions)]
     server = _live_server(sc, folder, video, prewarm=True, window_lag_s=window_lag_s, frame_stride=frame_stride)
+
+    async def ask_at_moments() -> list[Asked]:
+        start, asks = time.perf_counter(), []
+        for i, at in enumerate(moments):
+            question = QUESTIONS[i % len(QUESTIONS)]
+            if every_s <= 0:
+                await asyncio.sleep(rng.uniform(1.0, 3.0))
+                asks.append(asyncio.ensure_future(_ask_one(server.url, question, f"live{i}", sc.new_tokens)))
+                await asks[-1]
+                continue
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            asks.append(asyncio.ensure_future(_ask_one(server.url, question, f"live{i}", sc.new_tokens)))
+        return list(await asyncio.gather(*asks))
+
     try:
         time.sleep(settle_s)
-        asked = []
-        for i in range(questions):
-            time.sleep(rng.uniform(1.0, 3.0))
-            asked.append(asyncio.run(_ask_one(server.url, QUESTIONS[i % len(QUESTIONS)], f"live{i}", sc.new_tokens)))
+        asked = asyncio.run(ask_at_moments())
         frames = {f.seq: f.rgb for f in server.runtime.captures["bench"].ring.latest(1024)}
     finally:
         server.stop()
@@ -340,6 +361,7 @@ def run_live(
         "window_lag_s": window_lag_s,
         "frame_stride": frame_stride,
         "settle_s": settle_s,
+        "every_s": every_s,
         "ttft": statistics.median(r["ttft"] for r in rows),
         "capture": statistics.median(r["capture"] for r in rows),
         "ref_ttft": statistics.median(r["ref_ttft"] for r in rows),
@@ -400,6 +422,7 @@ def run_cold(sc: Scenario, folder: Path, video: Path, loaded: Any, cfg: Any, *, 
     return {
         "ttft": statistics.median(a.ttft_s for a in singles),
         "ref_ttft": statistics.median(r[1] for r in refs),
+        "rows": [(a.ttft_s, r[1]) for a, r in zip(singles, refs, strict=True)],
         "rate": len(burst) / wall,
         "burst_windows": len(windows),
         "tokens_equal": all(r[0] == a.token_ids for a, r in everything),
@@ -418,6 +441,7 @@ def run(
     window_lag_s: float = 4.0,
     frame_stride: int | str = 1,
     live_settle_s: float = 0.0,
+    live_every_s: float = LIVE_EVERY_S[True],
 ) -> dict[str, Any]:
     """Both pipelines on the same frames and questions; the figures :func:`report` prints.
     ``folder``: another model than the benchmark's (tests use the tiny one).
@@ -426,7 +450,8 @@ def run(
     ``live_questions``, ``cold_questions``: how many questions the live and cold cases ask
     (0: that case is left out); ``window_lag_s``, ``frame_stride``: the live server's
     ``model.window_lag_s`` and ``model.frame_stride``; ``live_settle_s``: how long its
-    stream runs before the first question."""
+    stream runs before the first question; ``live_every_s``: one live question every this
+    many seconds on average, at random moments (0: back to back, see :func:`run_live`)."""
     # Long on purpose: one run's three scenarios read top to bottom, in the order they are measured.
     from streamer.config import ModelConfig
     from streamer.inference.loader import load_model
@@ -515,7 +540,7 @@ def run(
         os.environ["STREAMER_FAULT_SHIFT_POSITION"] = str(fault_shift_position)
         try:
             if live_questions:
-                say(f"live: the clip looped at real time, {live_questions} questions at random moments")
+                say(f"live: the clip looped at real time, {live_questions} questions, {_arrivals(live_every_s)}")
                 live = run_live(
                     sc,
                     folder,
@@ -526,6 +551,7 @@ def run(
                     window_lag_s=window_lag_s,
                     frame_stride=frame_stride,
                     settle_s=live_settle_s,
+                    every_s=live_every_s,
                 )
                 bad = [row["mismatch"] for row in live["rows"] if row["mismatch"]]
                 mismatches += [(q, (r, ""), (m, "")) for q, r, m in bad]
@@ -583,7 +609,8 @@ def report(r: dict[str, Any]) -> None:
     if live:
         print(
             f"live (clip looped at real time, window sliding, model.window_lag_s={live['window_lag_s']:g}, "
-            f"model.frame_stride={live['frame_stride']}, first question after {live['settle_s']:g} s)"
+            f"model.frame_stride={live['frame_stride']}, first question after {live['settle_s']:g} s, "
+            f"{_arrivals(live['every_s'])})"
         )
         n = len(live["rows"])
         line(f"  time to first token, s (median of {n})", live["ref_ttft"], live["ttft"])
@@ -600,7 +627,9 @@ def report(r: dict[str, Any]) -> None:
         ]
     if cold:
         print("cold (nothing prepared ahead; each question on a window never seen)")
-        line("  time to first token, s (median)", cold["ref_ttft"], cold["ttft"])
+        line(f"  time to first token, s (median of {len(cold['rows'])})", cold["ref_ttft"], cold["ttft"])
+        for i, (ours, ref) in enumerate(cold["rows"]):
+            print(f"    q{i}: ttft {ours:.2f} s, reference ttft {ref:.2f} s (right after it), ratio {ours / ref:.3f}")
         line(f"  answers/s ({sc.clients} questions at once, the window's cost included)", r["ref_rate"], cold["rate"])
         quick += [f"cold_ttft_ratio={cold['ttft'] / cold['ref_ttft']:.3f}"]
     rate = cold["rate"] if cold else r["ours_rate"]
@@ -609,6 +638,13 @@ def report(r: dict[str, Any]) -> None:
     for q, (ref_ids, ref_text), (ours_ids, ours_text) in r["mismatches"]:
         print(f"  differs for {q!r}:\n    reference {ref_ids} {ref_text!r}\n    streamer  {ours_ids} {ours_text!r}")
     print(" ".join(quick))
+
+
+def _arrivals(every_s: float) -> str:
+    """How the live case's questions arrive, in words."""
+    if every_s <= 0:
+        return "back to back (each 1-3 s after the answer before)"
+    return f"at random moments, one every {every_s:g} s on average"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -636,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
         default=40.0,
         help="seconds the live case's stream runs before the first question (default 40)",
     )
+    parser.add_argument(
+        "--live-every",
+        type=float,
+        help="the live case asks one question every this many seconds on average, at random moments "
+        "(default 10, 4 with --quick); 0: back to back, each 1-3 s after the answer before",
+    )
     parser.add_argument("--only-warm", action="store_true", help="leave out the live and cold cases")
     # A test hook, not a feature: the server answers with shifted positions, so the run must
     # report tokens_equal=false.
@@ -659,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             window_lag_s=args.window_lag,
             frame_stride=args.frame_stride if args.frame_stride == "auto" else int(args.frame_stride),
             live_settle_s=args.live_settle,
+            live_every_s=LIVE_EVERY_S[args.quick] if args.live_every is None else args.live_every,
         )
     )
     return 0
