@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.benchmark.bench import Scenario, run
+from streamer.benchmark.bench import Scenario, report, run
 from streamer.inference.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,9 @@ SMALL = Scenario(depth_factor=1, frames=4, side=112, clients=2, new_tokens=8)
 
 
 @pytest.mark.parametrize("shift", [0, 1])
-def test_bench_reports_whether_token_ids_equal_the_references_in_every_case(streamer_cache: Path, shift: int) -> None:
+def test_bench_reports_whether_token_ids_equal_the_references_in_every_case(
+    streamer_cache: Path, shift: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Shifted by one position (the hidden --fault-shift-position), every case differs and the bench says so."""
     result = run(
         SMALL,
@@ -34,3 +36,17 @@ def test_bench_reports_whether_token_ids_equal_the_references_in_every_case(stre
     (row,) = live["rows"]
     assert row["capture"] > 0 and row["pairs_missing"] is not None and row["prefix_ready"] is not None
     assert cold["rate"] > 0 and cold["burst_windows"] == 1
+    capsys.readouterr()
+    report(result)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "vision tokens" in printed[0] and "cores" in printed[0]  # every figure's frames, tokens and hardware
+    names = [field.split("=")[0] for field in printed[-1].split()]
+    assert names == [
+        "ttft_ratio",
+        "live_ttft_ratio",
+        "live_capture_ratio",
+        "cold_ttft_ratio",
+        "throughput_ratio",
+        "tokens_equal",
+    ]
+    assert printed[-1].endswith(f"tokens_equal={str(shift == 0).lower()}")

@@ -103,7 +103,7 @@ QUICK = Scenario(depth_factor=14, frames=4, side=336, clients=4, new_tokens=8)
 #: Live and cold: questions asked (full, quick), and the clip's length in frames (its frames
 #: all differ, so a window is never seen twice within a loop).
 LIVE_QUESTIONS = {False: 8, True: 3}
-COLD_QUESTIONS = {False: 3, True: 2}
+COLD_QUESTIONS = {False: 5, True: 2}
 LIVE_CLIP_FRAMES = 40
 #: Live: one question every this many seconds on average, at random moments.
 LIVE_EVERY_S = {False: 10.0, True: 4.0}
@@ -467,6 +467,11 @@ def run(
     reference_answer(loaded.model, loaded.processor, frames[:2], "warm up", Scenario(1, 2, sc.side, 1, 1), cfg)
     ref = [reference_answer(loaded.model, loaded.processor, frames, q, sc, cfg) for q in questions]
     ref_seq_s = sum(r[3] for r in ref)
+    prompt = reference_inputs(
+        loaded.processor, frames, questions[0], min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, fps=SAMPLE_FPS
+    )
+    merge = loaded.model.config.vision_config.spatial_merge_size
+    vision_tokens = int(prompt["video_grid_thw"].prod()) // merge**2
     ref_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     # FFV1 in RGB is lossless: the server decodes exactly the reference's pixels.
@@ -568,6 +573,8 @@ def run(
         "live": live,
         "cold": cold,
         "scenario": sc,
+        "vision_tokens": vision_tokens,
+        "prompt_tokens": int(prompt["input_ids"].shape[1]),
         "prewarm": prewarm,
         "singles": len(singles),
         "ref_ttft": statistics.median(r[2] for r in ref[: len(singles)]),
@@ -589,9 +596,10 @@ def report(r: dict[str, Any]) -> None:
     import platform
 
     print(
-        f"\nstreamer bench: {sc.name}, {sc.frames} frames at {sc.side}x{sc.side} sampled at {SAMPLE_FPS:g} fps, "
-        f"{sc.new_tokens} new tokens, greedy, {sc.clients} clients; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
+        f"\nstreamer bench: {sc.name}, {sc.frames} frames at {sc.side}x{sc.side} sampled at {SAMPLE_FPS:g} fps "
+        f"({r['vision_tokens']} vision tokens, a {r['prompt_tokens']}-token prompt), {sc.new_tokens} new tokens, "
+        f"greedy, {sc.clients} clients; {_cpu_name() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{_gpu_name() or 'no GPU'}"
     )
     print(f"{'':58} {'reference':>10} {'streamer':>10} {'ratio':>8}")
 
@@ -638,6 +646,22 @@ def report(r: dict[str, Any]) -> None:
     for q, (ref_ids, ref_text), (ours_ids, ours_text) in r["mismatches"]:
         print(f"  differs for {q!r}:\n    reference {ref_ids} {ref_text!r}\n    streamer  {ours_ids} {ours_text!r}")
     print(" ".join(quick))
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name (Linux), for the report's hardware line."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _gpu_name() -> str | None:
+    """The first CUDA device's name, None without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _arrivals(every_s: float) -> str:
