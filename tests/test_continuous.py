@@ -246,7 +246,11 @@ def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: Trans
         steps = 1
         while not run.step():
             steps += 1
+            if by_layer and steps == 2:  # one layer over the first chunk: no token finished yet
+                first = f"1 of {run.layers} layers over tokens up to {chunk or len(head)}"
+                assert run.progress == f"0 of {len(head)} tokens, {first}"
         assert steps == (1 if not by_layer else run.layers * -(-len(head) // (chunk or len(head))))
+        assert run.progress == f"{len(head)} of {len(head)} tokens"
         runs.append(run)
     forward, layered, chunked = runs
     assert forward.prefix is not None and layered.prefix is not None and chunked.prefix is not None

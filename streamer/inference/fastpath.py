@@ -459,6 +459,15 @@ class PrefixPrefill:
         """The next step needs video embeddings not supplied yet."""
         return self.prefix is None and self._chunk is None and self.done_tokens >= self._ready_until < len(self.ids)
 
+    @property
+    def progress(self) -> str:
+        """How far the prefill is, in words (for logs): finished tokens, and the decoder
+        layers done over the chunk in flight."""
+        done = f"{self.done_tokens} of {len(self.ids)} tokens"
+        if self._chunk is None:
+            return done
+        return f"{done}, {self._chunk.layer} of {self.layers} layers over tokens up to {self._chunk.end}"
+
     def supply(self, video_embeds: torch.Tensor) -> None:
         """All the video's embeddings (the rows given at the start among them, unchanged)."""
         assert video_embeds.shape[0] == len(self._video_at)

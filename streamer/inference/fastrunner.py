@@ -157,7 +157,7 @@ class WindowPrefixes:
             return None
         del self.ahead[stream]
         run.supply(window.embeds.to(self.loaded.dtype))
-        log.debug("window %s: its prefill begun ahead has %d of %d tokens", stream, run.done_tokens, len(run.ids))
+        log.debug("window %s: its prefill begun ahead has %s", stream, run.progress)
         return run
 
     def readiness(
