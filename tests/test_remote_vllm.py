@@ -268,8 +268,12 @@ async def test_pool_routes_overflow_to_the_least_busy_and_ejects_a_dead_server(
     /healthz and /metrics show each server's state."""
     dead = f"http://127.0.0.1:{free_port()}/v1"
     alias = vllm.base_url.replace("127.0.0.1", "localhost")
-    # One batch of the three asks (a long batch window): its overflow shows where requests go.
-    config = _config([vllm.base_url, alias, dead], still_video, max_in_flight=1, batch_window_ms=1000)
+    # One batch of the three asks (a long batch window, and a long gap: on a loaded machine the
+    # asks can arrive more than the default 3 ms apart, and a batch that starts with fewer
+    # never overflows to the dead server): its overflow shows where requests go.
+    config = _config(
+        [vllm.base_url, alias, dead], still_video, max_in_flight=1, batch_window_ms=1000, batch_gap_ms=1000
+    )
     server = InProcessServer(config).start()
     try:
         clients = [await _client(server.url) for _ in range(3)]
