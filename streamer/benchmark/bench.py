@@ -9,11 +9,11 @@
   case);
 - **live**: the clip looped and paced at real time, the window sliding, questions at random
   moments that do not depend on the answers (one every 10 s on average; ``--live-every 0``
-  asks back to back instead) (a server in this process, so the frames each answer used can be read back): time to
-  first token, and capture-to-first-token (from the capture of the newest frame used to the
-  first token; for the reference, which takes the newest frames when the question comes, its
-  time to first token), with how many of the window's pairs were not yet encoded and whether
-  its prefix was ready;
+  asks back to back instead), to a server in this process, so that the frames each answer
+  used can be read back: time to first token, and capture-to-first-token (from the capture
+  of the newest frame used to the first token; for the reference, which takes the newest
+  frames when the question comes, its time to first token), with how many of the window's
+  pairs were not yet encoded and whether its prefix was ready;
 - **cold**: the same live stream with nothing prepared ahead, each question on a window never
   seen (its reference right after it), then ``clients`` questions at once on a fresh window:
   throughput with the window's one-time cost included.
@@ -105,7 +105,7 @@ QUICK = Scenario(depth_factor=14, frames=4, side=336, clients=4, new_tokens=8)
 LIVE_QUESTIONS = {False: 8, True: 3}
 COLD_QUESTIONS = {False: 5, True: 2}
 LIVE_CLIP_FRAMES = 40
-#: Live: one question every this many seconds on average, at random moments.
+#: Live: one question every this many seconds on average, at random moments (full, quick).
 LIVE_EVERY_S = {False: 10.0, True: 4.0}
 SAMPLE_FPS = 2.0
 
@@ -304,7 +304,7 @@ def run_live(
     window_lag_s: float,
     frame_stride: int | str = 1,
     settle_s: float = 0.0,
-    every_s: float = LIVE_EVERY_S[False],
+    every_s: float,
 ) -> dict[str, Any]:
     """Questions at random moments on the paced, looping clip, the first after the stream has
     run ``settle_s`` (a live camera runs before anyone asks: warm-up has measured the encoder
@@ -317,25 +317,28 @@ def run_live(
     import random
 
     rng = random.Random(BENCH_SEED)
-    moments = [i * every_s + rng.uniform(0.0, every_s) for i in range(questions)]
     server = _live_server(sc, folder, video, prewarm=True, window_lag_s=window_lag_s, frame_stride=frame_stride)
 
-    async def ask_at_moments() -> list[Asked]:
-        start, asks = time.perf_counter(), []
-        for i, at in enumerate(moments):
-            question = QUESTIONS[i % len(QUESTIONS)]
-            if every_s <= 0:
+    def ask(i: int) -> Awaitable[Asked]:
+        return _ask_one(server.url, QUESTIONS[i % len(QUESTIONS)], f"live{i}", sc.new_tokens)
+
+    async def ask_all() -> list[Asked]:
+        if every_s <= 0:
+            asked = []
+            for i in range(questions):
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
-                asks.append(asyncio.ensure_future(_ask_one(server.url, question, f"live{i}", sc.new_tokens)))
-                await asks[-1]
-                continue
+                asked.append(await ask(i))
+            return asked
+        start, asks = time.perf_counter(), []
+        for i in range(questions):
+            at = i * every_s + rng.uniform(0.0, every_s)
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-            asks.append(asyncio.ensure_future(_ask_one(server.url, question, f"live{i}", sc.new_tokens)))
+            asks.append(asyncio.ensure_future(ask(i)))
         return list(await asyncio.gather(*asks))
 
     try:
         time.sleep(settle_s)
-        asked = asyncio.run(ask_at_moments())
+        asked = asyncio.run(ask_all())
         frames = {f.seq: f.rgb for f in server.runtime.captures["bench"].ring.latest(1024)}
     finally:
         server.stop()
