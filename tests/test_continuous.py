@@ -222,10 +222,39 @@ def test_warm_up_does_one_pair_or_one_decoder_layer_per_step(engine: Transformer
         for hook in hooks:
             hook.remove()
     ready = engine.readiness("warm", rgb, ids, 2.0)
-    assert ready is not None and ready.prefix_ready and ready.missing_pairs == 0
+    assert ready is not None and ready.prefix_ready and ready.missing_pairs == 0 and ready.prefill_left_s == 0
     assert len(towers) == 4  # the window's four pairs, one per step
     # Chunks of 32 tokens, each through every layer: several chunks, one layer per step.
     assert len(layers) > 2 * len(_decoder_layers(engine)) and steps == len(layers) + len(towers)
+
+
+def test_readiness_says_how_long_a_prefill_still_needs_at_the_measured_speed(tiny_model: Path) -> None:
+    """Before any prefill step is timed the time left is unknown; then it is the steps' measured speed
+    times the token-layers left: a whole prefill's before it begins, shrinking step by step, 0 when ready."""
+    cfg = ModelConfig(id=str(tiny_model), prefill_chunk_tokens=32)
+    fresh = TransformersEngine(load_model(cfg), cfg)
+    frames = window_of(_ring(seed=9), 8)
+    rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
+    while (ready := fresh.readiness("left", rgb, ids, 2.0)) is not None and ready.missing_pairs:
+        assert ready.prefill_left_s is None
+        assert fresh.warm("left", rgb, ids, 2.0)
+    assert ready is not None and ready.prefill_left_s is None  # encoded; no prefill step timed yet
+    lefts = []
+    while fresh.warm("left", rgb, ids, 2.0):
+        ready = fresh.readiness("left", rgb, ids, 2.0)
+        assert ready is not None and ready.prefill_left_s is not None
+        lefts.append(ready.prefill_left_s)
+    assert lefts[-1] == 0 and all(left > 0 for left in lefts[:-1])
+    # What is left is what was done's complement: token-layers left, at the speed measured so far.
+    fast = fresh.fast
+    assert fast.token_layer_s is not None and fast.token_layer_s > 0
+    other = window_of(_ring(seed=10), 8)
+    orgb, oids = [f.rgb for f in other], [(f.seq, f.ts) for f in other]
+    ready = fresh.readiness("other", orgb, oids, 2.0)
+    assert ready is not None and ready.missing_pairs == 4 and ready.prefill_left_s is not None
+    head = fast.prefix_ids(fast.vision.window("left", rgb, ids).embeds.shape[0])
+    whole = len(head) * len(_decoder_layers(fresh)) * fast.token_layer_s
+    assert ready.prefill_left_s == pytest.approx(whole)
 
 
 def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: TransformersEngine) -> None:
@@ -249,8 +278,10 @@ def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: Trans
             if by_layer and steps == 2:  # one layer over the first chunk: no token finished yet
                 first = f"1 of {run.layers} layers over tokens up to {chunk or len(head)}"
                 assert run.progress == f"0 of {len(head)} tokens, {first}"
+                assert run.work == (chunk or len(head), len(head) * run.layers)
         assert steps == (1 if not by_layer else run.layers * -(-len(head) // (chunk or len(head))))
         assert run.progress == f"{len(head)} of {len(head)} tokens"
+        assert run.work == (len(head) * run.layers,) * 2
         runs.append(run)
     forward, layered, chunked = runs
     assert forward.prefix is not None and layered.prefix is not None and chunked.prefix is not None

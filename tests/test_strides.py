@@ -131,6 +131,49 @@ def test_once_every_window_is_ready_warm_up_works_ahead_on_the_grid_only() -> No
     assert engine.ahead == []
 
 
+def test_warm_up_works_ahead_instead_of_a_prefill_that_would_end_after_the_next_pair_comes() -> None:
+    """Stride 3 at 2 fps (a pair every 3 s): an encoded window whose prefill needs longer than the time until
+    the next pair is passed over for the next window's prefill ahead (questions will take that one); one
+    whose prefill fits goes on, and so does the late one once nothing is left to do ahead."""
+    from streamer.inference.engine import Engine, Readiness
+    from streamer.inference.loop import Strides, Warmer
+
+    class Prefilling(Engine):
+        note = None
+        model_id = "x"
+
+        def __init__(self, left_s: float, ahead_work: bool) -> None:
+            self.left_s, self.ahead_work = left_s, ahead_work
+            self.calls: list[str] = []
+
+        def generate(self, request, on_text, should_stop):  # pragma: no cover - never asked
+            raise AssertionError
+
+        def readiness(self, stream, frames, ids, sample_fps) -> Readiness:
+            return Readiness(missing_pairs=0, prefix_ready=False, prefill_left_s=self.left_s)
+
+        def warm(self, stream, frames, ids, sample_fps) -> bool:
+            self.calls.append("warm")
+            return True
+
+        def warm_ahead(self, stream, frames, ids, sample_fps) -> bool:
+            self.calls.append("ahead")
+            return self.ahead_work
+
+    feeds = {"s": StreamFeed(_ring(40), 2.0)}  # frames captured just now: the next pair comes in about 3 s
+    for left_s, ahead_work, calls in (
+        (60.0, True, ["ahead"]),
+        (60.0, False, ["ahead", "warm"]),
+        (0.01, True, ["warm"]),
+    ):
+        engine = Prefilling(left_s, ahead_work)
+        assert Warmer(engine, 4, strides=Strides(frame_stride=3)).step(feeds)  # type: ignore[arg-type]
+        assert engine.calls == calls, (left_s, ahead_work)
+    engine = Prefilling(60.0, True)
+    assert Warmer(engine, 4, strides=Strides(frame_stride=1)).step(feeds)  # type: ignore[arg-type]
+    assert engine.calls == ["warm"]  # not on a grid: no next window to work ahead on
+
+
 class _Answers:
     def __init__(self) -> None:
         self.answers: dict[str, Answer] = {}

@@ -62,6 +62,9 @@ class Readiness:
     missing_pairs: int
     #: Whether the prompt's shared prefix (system prompt and video) is prefilled.
     prefix_ready: bool
+    #: Seconds the prefix's prefill still needs, at the speed measured on this machine (None:
+    #: not measured yet); what was begun ahead counts as done.
+    prefill_left_s: float | None = None
 
 
 class Engine(ABC):

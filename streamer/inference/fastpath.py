@@ -460,6 +460,18 @@ class PrefixPrefill:
         return self.prefix is None and self._chunk is None and self.done_tokens >= self._ready_until < len(self.ids)
 
     @property
+    def work(self) -> tuple[int, int]:
+        """Tokens times decoder layers done, and in all: a prefill's time is about proportional
+        to them (the layers dominate; attention grows with the context, little at these lengths)."""
+        total = len(self.ids) * self.layers
+        if self.prefix is not None:
+            return total, total
+        done = self.done_tokens * self.layers
+        if self._chunk is not None:
+            done += self._chunk.layer * (self._chunk.end - self.done_tokens)
+        return min(done, total), total
+
+    @property
     def progress(self) -> str:
         """How far the prefill is, in words (for logs): finished tokens, and the decoder
         layers done over the chunk in flight."""

@@ -10,6 +10,7 @@ Called from the inference loop's one thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from streamer.config import ModelConfig
 from streamer.inference import fastpath
 from streamer.inference.engine import GenerationRequest, GenerationResult, Joiner, Readiness
 from streamer.inference.fastpath import (
+    PairKey,
     Prefix,
     PrefixCache,
     PrefixPrefill,
@@ -90,6 +92,11 @@ class WindowPrefixes:
         #: (:meth:`warm_ahead`): the pairs it starts with, and the prefill.
         self.ahead: dict[str, tuple[Hashable, PrefixPrefill]] = {}
         self._second_per_grid: dict[float, Any] = {}
+        #: Seconds per token through one decoder layer in prefills here (exponential average
+        #: of the steps' times; None before the first): the time a prefill still needs.
+        self.token_layer_s: float | None = None
+        self._layers = len(loaded.model.model.language_model.layers)
+        self._prefix_ids: dict[int, list[int]] = {}
         tok = loaded.processor.tokenizer
         self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
         self._vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -145,8 +152,20 @@ class WindowPrefixes:
             self.ahead[stream] = (key, run)
         if run.blocked or run.prefix is not None:
             return False
-        run.step()
+        self._step(run)
         return True
+
+    def _step(self, run: PrefixPrefill) -> bool:
+        """One step of ``run`` (:meth:`PrefixPrefill.step`), timed for :attr:`token_layer_s`."""
+        before, _ = run.work
+        started = time.perf_counter()
+        done = run.step()
+        after, _ = run.work
+        if after > before:
+            seconds = (time.perf_counter() - started) / (after - before)
+            old = self.token_layer_s
+            self.token_layer_s = seconds if old is None else 0.7 * old + 0.3 * seconds
+        return done
 
     def _ahead_for(self, window: Window, sample_fps: float) -> PrefixPrefill | None:
         """The prefill begun ahead for ``window`` (its pairs but the last, its grid and frame
@@ -168,7 +187,27 @@ class WindowPrefixes:
             return None
         keys = tuple(key for _, key in pairs)
         missing = sum(1 for key in keys if key not in self.vision.cache)
-        return Readiness(missing_pairs=missing, prefix_ready=self.prefix_key(keys, sample_fps) in self.prefix_cache)
+        key = self.prefix_key(keys, sample_fps)
+        if key in self.prefix_cache:
+            return Readiness(missing_pairs=missing, prefix_ready=True, prefill_left_s=0.0)
+        left = None
+        if self.token_layer_s is not None:
+            begun = self.prefills.get(key)
+            known, ahead = self.ahead.get(stream, (None, None))
+            if begun is None and ahead is not None and known == (keys[:-1], self.prefix_key((), sample_fps)):
+                begun = ahead
+            if begun is not None:
+                done, total = begun.work
+            else:
+                done, total = 0, len(self.prefix_ids(len(keys) * self._pair_tokens(keys[0]))) * self._layers
+            left = (total - done) * self.token_layer_s
+        return Readiness(missing_pairs=missing, prefix_ready=False, prefill_left_s=left)
+
+    def _pair_tokens(self, key: PairKey) -> int:
+        """Video tokens a pair of frames of ``key``'s size makes (patches, merged)."""
+        vision = self.loaded.model.config.vision_config
+        merge = vision.spatial_merge_size
+        return (key.height // vision.patch_size) * (key.width // vision.patch_size) // (merge * merge)
 
     def rope_kwargs(self, sample_fps: float) -> dict[str, Any]:
         """What the model's rope index needs besides the grid: for Qwen2.5-VL the seconds per
@@ -227,7 +266,7 @@ class WindowPrefixes:
         if tail is not None:
             run.add_tail(tail)
         ran = 0
-        while not run.step():
+        while not self._step(run):
             ran += 1
             if (steps is not None and ran >= steps) or (should_stop is not None and should_stop()):
                 # Keep the newest unfinished prefill only: a live window slides on.
@@ -240,8 +279,9 @@ class WindowPrefixes:
     def prefix_ids(self, video_tokens: int) -> list[int]:
         """The token ids every question about a window of ``video_tokens`` shares: the
         prompt up to ``<|vision_end|>``."""
-        head, _ = split_prompt(self.prompt_ids("?", video_tokens), self._vision_end)
-        return head
+        if video_tokens not in self._prefix_ids:
+            self._prefix_ids[video_tokens], _ = split_prompt(self.prompt_ids("?", video_tokens), self._vision_end)
+        return list(self._prefix_ids[video_tokens])
 
     def prompt_ids(self, question: str, video_tokens: int) -> list[int]:
         """The whole prompt's token ids, the video's ``video_tokens`` placeholders included,

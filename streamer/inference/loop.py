@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 
 from streamer.capture.ring import Frame
-from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner
+from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner, Readiness
 from streamer.inference.policy import (
     SHUTTING_DOWN,
     Ended,
@@ -174,8 +174,14 @@ class Warmer:
                     newest.append((name, windows[-1], feed.sample_fps / k))
                 for frames in windows:
                     rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
-                    timed = self.strides.governor is not None
-                    before = self.engine.readiness(name, rgb, ids, fps) if timed else None
+                    before = self.engine.readiness(name, rgb, ids, fps) if self.strides.aligned else None
+                    if (
+                        before is not None
+                        and frames is windows[-1]
+                        and _too_late(before, frames[-1].ts + 2 * k / feed.sample_fps)
+                        and self.engine.warm_ahead(name, rgb, ids, fps)
+                    ):
+                        return True
                     started = time.monotonic()
                     if self.engine.warm(name, rgb, ids, fps):
                         if before is not None and before.missing_pairs > 0:  # it encoded a pair
@@ -215,6 +221,16 @@ class Warmer:
         if len(span) > self.frames and (newest[-1].seq - target[-1].seq) % 2:
             newest = span[: self.frames]
         return ([target, newest] if newest[-1].seq != target[-1].seq else [target]), 1
+
+
+def _too_late(ready: Readiness, next_pair_at: float) -> bool:
+    """A window's prefill would end after the stream's next pair comes (``next_pair_at``, a
+    capture time): questions then take the next window, so the time is better spent on that
+    window's prefill ahead (:meth:`Engine.warm_ahead`); its pairs must be encoded first."""
+    left = ready.prefill_left_s
+    if ready.prefix_ready or ready.missing_pairs or left is None:
+        return False
+    return time.time() + left > next_pair_at
 
 
 class BatchAnswerer:
