@@ -295,3 +295,19 @@ def test_a_window_prefilled_before_its_newest_pair_came_answers_as_the_seed_pipe
         fps=2.0 / 3,
     )
     assert list(answer.token_ids) == reference_generate(engine.loaded.model, inputs, max_new_tokens=12)
+
+
+def test_a_ring_buffer_too_short_for_the_largest_stride_is_reported_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """frame_stride auto with max 8 and 8-frame windows needs 80 frames held: the default 64 gets a
+    warning that names the stride it allows and the size to set; enough frames, or stride 1, get none."""
+    from streamer.config import SourceConfig
+    from streamer.server.runtime import _warn_if_short_of_stride
+
+    auto = ModelConfig(id="m", frames=8, frame_stride="auto", max_frame_stride=8)
+    with caplog.at_level("WARNING", logger="streamer.server.runtime"):
+        _warn_if_short_of_stride(SourceConfig(name="cam", url="x.mp4"), auto)
+        _warn_if_short_of_stride(SourceConfig(name="big", url="x.mp4", buffer_frames=80), auto)
+        _warn_if_short_of_stride(SourceConfig(name="one", url="x.mp4"), ModelConfig(id="m", frames=8))
+    assert [r.getMessage() for r in caplog.records] == [
+        "stream cam: buffer_frames 64 holds 8-frame windows up to stride 6, not 8; set buffer_frames to 80"
+    ]

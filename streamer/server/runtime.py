@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from streamer import __version__
 from streamer.capture import RingBuffer, Stream, StreamStatus, stream_for
-from streamer.config import Settings, SourceConfig
+from streamer.config import ModelConfig, Settings, SourceConfig
 from streamer.inference.questions import StreamFeed
 from streamer.inference.registry import create_engine, engine_backends, engine_memory
 from streamer.service import AskService, EventHub, StreamChanged
@@ -76,6 +76,8 @@ class Runtime:
         )
         self.loop.start()
         self.service.attach(self.loop)
+        for capture in self.captures.values():
+            _warn_if_short_of_stride(capture.cfg, model)
 
     def start_monitoring(self) -> None:
         """Open the event store, start the outlets and the rules (after :meth:`start_inference`).
@@ -119,6 +121,7 @@ class Runtime:
         stream.start()
         if self.loop is not None:
             self.loop.add_stream(cfg.name, _feed(stream))
+            _warn_if_short_of_stride(cfg, self.settings.model)
         return stream
 
     def remove_source(self, name: str) -> None:
@@ -159,6 +162,23 @@ class Runtime:
         """A remote engine's servers: state, requests, latency (``/healthz``, ``/metrics``);
         None for an engine in this process. Not in ``welcome``: clients need not see them."""
         return engine_backends(self.engine)
+
+
+def _warn_if_short_of_stride(source: SourceConfig, model: ModelConfig) -> None:
+    """Say so when a stream's ring buffer is too short for the largest frame stride its
+    windows may take (the loop then lowers the stride to what the buffer holds)."""
+    stride = model.max_frame_stride if model.frame_stride == "auto" else model.frame_stride
+    needed = stride * (model.frames + 2)  # a window and its pair grid's alignment room
+    if stride > 1 and source.buffer_frames < needed:
+        log.warning(
+            "stream %s: buffer_frames %d holds %d-frame windows up to stride %d, not %d; set buffer_frames to %d",
+            source.name,
+            source.buffer_frames,
+            model.frames,
+            max(1, source.buffer_frames // (model.frames + 2)),
+            stride,
+            needed,
+        )
 
 
 def _feed(stream: Stream) -> StreamFeed:
