@@ -111,7 +111,8 @@ def test_a_short_round_sharing_a_batch_with_a_long_ask_is_answered_before_the_as
 
 
 def test_a_question_arriving_mid_batch_joins_it_and_gets_generates_tokens(engine: TransformersEngine) -> None:
-    """A question about the running batch's window starts before that batch ends; both answers equal generate's."""
+    """A question about the running batch's window starts before that batch ends, finding the window prepared
+    (its answer says so: the batch's says what the batch found); both answers equal generate's."""
     ring = _ring(seed=4)
     loop = InferenceLoop(engine, {"s": StreamFeed(ring, 2.0)}, queue_size=8, max_batch=4)
     sink = Sink()
@@ -125,6 +126,8 @@ def test_a_question_arriving_mid_batch_joins_it_and_gets_generates_tokens(engine
         loop.stop()
     late_first = sink.index("token", "late")
     assert late_first is not None and late_first < sink.index("answer", "long")
+    assert (sink.answer("long").pairs_missing, sink.answer("long").prefix_ready) == (4, False)
+    assert (sink.answer("late").pairs_missing, sink.answer("late").prefix_ready) == (0, True)
     assert list(sink.answer("late").token_ids) == _plain_ids(engine, ring, "What is moving?", 8)
     assert list(sink.answer("long").token_ids) == _plain_ids(engine, ring, "Describe the scene.", 96)
 

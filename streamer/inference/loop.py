@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import replace
 
 from streamer.capture.ring import Frame
 from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner, Readiness
@@ -271,14 +272,21 @@ class BatchAnswerer:
         wall = time.time() - time.monotonic()
         fps = feed.sample_fps / stride
 
-        def finish(job: Job, at: float) -> Callable[[GenerationResult], None]:
+        # A question that joins the running decode finds the window encoded and prefilled.
+        on_join = (
+            option
+            if option is None or option.missing_pairs is None
+            else replace(option, missing_pairs=0, prefix_ready=True)
+        )
+
+        def finish(job: Job, at: float, ready: WindowOption | None = option) -> Callable[[GenerationResult], None]:
             def on_result(result: GenerationResult) -> None:
                 if job.stop_code is not None:
                     self._reports.failed(job, job.stop_code, _STOP_REASONS[job.stop_code])
                     return
                 ids = tuple(result.token_ids)
                 done = time.monotonic()
-                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, option, wall, stride)
+                answer = answer_of(job, result.text, frames, at, result.first_token_at, done, ids, ready, wall, stride)
                 self._reports.answered(job, answer)
 
             return on_result
@@ -298,7 +306,7 @@ class BatchAnswerer:
                 joined = self._policy.take_joiners(batch[0], room, fresh_enough)
             now = time.monotonic()
             return [
-                Joiner(request, _text_to(job), _stop_of(job), finish(job, now))
+                Joiner(request, _text_to(job), _stop_of(job), finish(job, now, on_join))
                 for job, request in zip(joined, _requests(joined, frames, fps), strict=True)
             ]
 
