@@ -167,12 +167,18 @@ class WindowPrefixes:
             self.token_layer_s = seconds if old is None else 0.7 * old + 0.3 * seconds
         return done
 
-    def _ahead_for(self, window: Window, sample_fps: float) -> PrefixPrefill | None:
-        """The prefill begun ahead for ``window`` (its pairs but the last, its grid and frame
-        rate), with the window's embeddings supplied; None if there is none."""
-        stream = window.keys[0].stream
+    def _ahead_of(self, stream: str, keys: tuple[PairKey, ...], sample_fps: float) -> PrefixPrefill | None:
+        """The prefill begun ahead for the window of pairs ``keys`` (its pairs but the last, and
+        its frame rate, match), left where it is; None if there is none."""
         known, run = self.ahead.get(stream, (None, None))
-        if run is None or known != (window.keys[:-1], self.prefix_key((), sample_fps)):
+        return run if known == (keys[:-1], self.prefix_key((), sample_fps)) else None
+
+    def _ahead_for(self, window: Window, sample_fps: float) -> PrefixPrefill | None:
+        """The prefill begun ahead for ``window``, taken over, with the window's embeddings
+        supplied; None if there is none."""
+        stream = window.keys[0].stream
+        run = self._ahead_of(stream, window.keys, sample_fps)
+        if run is None:
             return None
         del self.ahead[stream]
         run.supply(window.embeds.to(self.loaded.dtype))
@@ -192,10 +198,7 @@ class WindowPrefixes:
             return Readiness(missing_pairs=missing, prefix_ready=True, prefill_left_s=0.0)
         left = None
         if self.token_layer_s is not None:
-            begun = self.prefills.get(key)
-            known, ahead = self.ahead.get(stream, (None, None))
-            if begun is None and ahead is not None and known == (keys[:-1], self.prefix_key((), sample_fps)):
-                begun = ahead
+            begun = self.prefills.get(key) or self._ahead_of(stream, keys, sample_fps)
             if begun is not None:
                 done, total = begun.work
             else:

@@ -108,6 +108,13 @@ class Reports:
                 log.exception("sink failed ending watch %s", st.watch.id)
 
 
+def window_span(n: int) -> int:
+    """Grid frames a ring must hold for a window of ``n`` frames on a stride's grid: the window
+    and room to align it to the grid of pairs (a ring holding ``h`` sampled frames allows
+    strides up to ``h // window_span(n)``)."""
+    return n + 2
+
+
 class Strides:
     """How many sampled frames apart each window's frames are: 1 and the newest frames (the
     default), a fixed stride, or (``"auto"``) the :class:`StrideGovernor`'s. With any stride
@@ -133,7 +140,7 @@ class Strides:
             ends = range(len(span), min(n, len(span)) - 1, -1)
             return [span[max(0, end - n) : end] for end in ends], 1
         held = len(window_of(feed.ring, feed.ring.capacity))
-        stride = max(1, min(stride, held // (n + 2)))
+        stride = max(1, min(stride, held // window_span(n)))
         return strided_windows(feed.ring, n, stride, count), stride
 
     def encoded(self, seconds: float) -> None:

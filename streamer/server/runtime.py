@@ -167,15 +167,17 @@ class Runtime:
 def _warn_if_short_of_stride(source: SourceConfig, model: ModelConfig) -> None:
     """Say so when a stream's ring buffer is too short for the largest frame stride its
     windows may take (the loop then lowers the stride to what the buffer holds)."""
+    from streamer.inference.loop import window_span
+
     stride = model.max_frame_stride if model.frame_stride == "auto" else model.frame_stride
-    needed = stride * (model.frames + 2)  # a window and its pair grid's alignment room
+    needed = stride * window_span(model.frames)
     if stride > 1 and source.buffer_frames < needed:
         log.warning(
             "stream %s: buffer_frames %d holds %d-frame windows up to stride %d, not %d; set buffer_frames to %d",
             source.name,
             source.buffer_frames,
             model.frames,
-            max(1, source.buffer_frames // (model.frames + 2)),
+            max(1, source.buffer_frames // window_span(model.frames)),
             stride,
             needed,
         )
