@@ -12,7 +12,7 @@ import pytest
 
 from streamer.config import ModelConfig
 from streamer.inference.loader import load_model
-from streamer.inference.reference import reference_generate, reference_inputs, reference_text
+from streamer.inference.reference import reference_generate, reference_inputs, reference_text, seed_model_config
 from tests.inproc import InProcessServer
 from tests.test_inference_features import _still_video
 from tests.wsclient import ProtocolClient
@@ -59,7 +59,8 @@ async def test_instruct_answers_over_the_websocket_are_the_seed_pipelines(
     assert "plain generate path" not in caplog.text
 
     cfg = ModelConfig(id="tiny-random-instruct")
-    seed = load_model(cfg)  # a model of its own: the server's may still be warming up
+    # A model of its own, loaded as the seed loaded it (the server's may still be warming up).
+    seed = load_model(seed_model_config(cfg))
     for frames, answer in answers.items():
         assert answer["type"] == "answer" and answer["frames"]["count"] == frames
         span = answer["frames"]

@@ -21,7 +21,7 @@ from streamer.inference.fastpath import Prefix, PrefixCache, split_prompt
 from streamer.inference.loader import LoadedModel, load_model
 from streamer.inference.loop import InferenceLoop
 from streamer.inference.questions import Question, StreamFeed
-from streamer.inference.reference import reference_generate, reference_inputs
+from streamer.inference.reference import reference_generate, reference_inputs, seed_model_config
 from streamer.inference.transformers_engine import TransformersEngine
 from streamer.inference.video import processor_inputs
 from tests.test_inference_loop import RecordingSink
@@ -241,6 +241,38 @@ def test_qwen2_5_vl_time_scaled_positions_and_tokens(qwen25: LoadedModel) -> Non
     assert _batched(engine, requests) == reference
     assert [_plain(engine, r) for r in requests] == reference
     _assert_same_positions_logits_and_ids(engine, _requests(frames, ["Alone?"], stream="q25-alone")[0])
+
+
+@pytest.mark.parametrize("model_id", ["tiny-random-instruct", "tiny-random-qwen2.5-vl"])
+def test_the_patch_embedding_loaded_as_a_linear_keeps_the_seeds_logits_and_tokens(
+    streamer_cache: Path, model_id: str
+) -> None:
+    """streamer loads the Conv3d patch embedding as the equal Linear; against the model loaded
+    as the seed loaded it: the same video features and logits (to rounding), the same token ids."""
+    cfg = ModelConfig(id=model_id)
+    engine = TransformersEngine(load_model(cfg), cfg)
+    seed = load_model(seed_model_config(cfg))
+    fused, plain = engine.loaded.model.model.visual.patch_embed, seed.model.model.visual.patch_embed
+    assert not hasattr(fused, "proj") and isinstance(plain.proj, torch.nn.Conv3d)
+
+    request = _requests(_frames(8, side=336, seed=11), ["What changed?"], tokens=12, stream="fused")[0]
+    inputs = engine.prepare(request)
+    with torch.inference_mode():
+        ours = engine.loaded.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        theirs = seed.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert torch.allclose(ours.pooler_output[0], theirs.pooler_output[0], atol=1e-5, rtol=1e-4)
+
+    seed_inputs = reference_inputs(
+        seed.processor, list(request.frames), request.question, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
+    )
+    theirs, seed_ids = _record(
+        seed.model, lambda: reference_generate(seed.model, seed_inputs, max_new_tokens=12, **cfg.generation_kwargs())
+    )
+    ours, fast_ids = _record(engine.loaded.model, lambda: _batched(engine, [request])[0])
+    assert fast_ids == seed_ids and len(fast_ids) > 0
+    assert len(ours.logits) == len(theirs.logits)
+    for a, b in zip(ours.logits, theirs.logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
 
 
 def test_what_the_fast_path_cannot_reproduce_takes_the_plain_path(

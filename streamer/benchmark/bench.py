@@ -20,7 +20,8 @@
 
 Both use the same model folder (a random-weight Qwen2-VL in Qwen2-VL-2B's shape, both
 depths cut by one factor so the vision/LLM split of the work is kept, built once and
-loaded with ``from_pretrained``), the same frames (written losslessly to the file the server
+loaded with ``from_pretrained``: the reference as the seed loaded it, streamer with its
+load-time fusions), the same frames (written losslessly to the file the server
 reads), the model's own generation settings (greedy) and the same number of new tokens.
 Reported: time to first token and total time for one question, answers per second for N
 simultaneous questions (streamer) against N sequential ones (reference), peak memory, and
@@ -49,7 +50,7 @@ import numpy as np
 from streamer.benchmark.clips import write_video
 from streamer.benchmark.servers import InProcessServer, start_server, stop_server
 from streamer.config import cache_dir
-from streamer.inference.reference import reference_generate, reference_inputs, reference_text
+from streamer.inference.reference import reference_generate, reference_inputs, reference_text, seed_model_config
 from streamer_client import Client
 
 # Qwen2-VL-2B-Instruct's shape (config.json on the Hub).
@@ -466,7 +467,7 @@ def run(
     cfg = ModelConfig(id=str(folder), frames=sc.frames, max_new_tokens=sc.new_tokens)
 
     say(f"reference: loading {folder.name} and answering {len(questions)} questions one after another")
-    loaded = load_model(cfg)
+    loaded = load_model(seed_model_config(cfg))
     reference_answer(loaded.model, loaded.processor, frames[:2], "warm up", Scenario(1, 2, sc.side, 1, 1), cfg)
     ref = [reference_answer(loaded.model, loaded.processor, frames, q, sc, cfg) for q in questions]
     ref_seq_s = sum(r[3] for r in ref)

@@ -12,6 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from streamer.config import ModelConfig
+
+
+def seed_model_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` for loading the model as the seed did: ``from_pretrained`` with the checkpoint's
+    own modules, without streamer's load-time fusions (:func:`~streamer.inference.loader.load_time_fusions`)."""
+    return cfg.model_copy(update={"patch_embed_linear": False})
+
 
 def reference_inputs(
     processor: Any,
