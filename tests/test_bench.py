@@ -35,7 +35,7 @@ def test_bench_reports_whether_token_ids_equal_the_references_in_every_case(
     assert live["tokens_equal"] is cold["tokens_equal"] is (shift == 0)  # the hook reaches every case
     (row,) = live["rows"]
     assert row["capture"] > 0 and row["pairs_missing"] is not None and row["prefix_ready"] is not None
-    assert cold["rate"] > 0 and cold["burst_windows"] == 1
+    assert cold["rate"] > 0 and cold["ref_rate"] > 0 and cold["burst_windows"] == 1
     capsys.readouterr()
     report(result)
     printed = capsys.readouterr().out.strip().splitlines()
@@ -50,3 +50,6 @@ def test_bench_reports_whether_token_ids_equal_the_references_in_every_case(
         "tokens_equal",
     ]
     assert printed[-1].endswith(f"tokens_equal={str(shift == 0).lower()}")
+    # Throughput is against the reference's rate right after the burst, on its frames.
+    throughput = float(printed[-1].split("throughput_ratio=")[1].split()[0])
+    assert throughput == pytest.approx(cold["rate"] / cold["ref_rate"], abs=0.01)
