@@ -63,11 +63,13 @@ def _requests(frames, questions, tokens: int = 12, stream: str = "s") -> list[Ge
     ]
 
 
-def _reference(engine: TransformersEngine, request: GenerationRequest) -> list[int]:
-    """The seed pipeline's token ids, with the generation settings streamer's config sets."""
+def _reference(engine: TransformersEngine, request: GenerationRequest, seed: LoadedModel | None = None) -> list[int]:
+    """The seed pipeline's token ids, with the generation settings streamer's config sets, on
+    ``seed`` (default: the engine's own model)."""
     cfg = engine.cfg
+    loaded = seed or engine.loaded
     inputs = reference_inputs(
-        engine.loaded.processor,
+        loaded.processor,
         list(request.frames),
         request.question,
         min_pixels=cfg.min_pixels,
@@ -76,7 +78,7 @@ def _reference(engine: TransformersEngine, request: GenerationRequest) -> list[i
         system_prompt=cfg.system_prompt,
     )
     return reference_generate(
-        engine.loaded.model,
+        loaded.model,
         inputs,
         max_new_tokens=request.max_new_tokens,
         seed=cfg.seed,
@@ -262,12 +264,7 @@ def test_the_patch_embedding_loaded_as_a_linear_keeps_the_seeds_logits_and_token
         theirs = seed.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     assert torch.allclose(ours.pooler_output[0], theirs.pooler_output[0], atol=1e-5, rtol=1e-4)
 
-    seed_inputs = reference_inputs(
-        seed.processor, list(request.frames), request.question, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
-    )
-    theirs, seed_ids = _record(
-        seed.model, lambda: reference_generate(seed.model, seed_inputs, max_new_tokens=12, **cfg.generation_kwargs())
-    )
+    theirs, seed_ids = _record(seed.model, lambda: _reference(engine, request, seed))
     ours, fast_ids = _record(engine.loaded.model, lambda: _batched(engine, [request])[0])
     assert fast_ids == seed_ids and len(fast_ids) > 0
     assert len(ours.logits) == len(theirs.logits)
