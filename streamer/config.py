@@ -216,6 +216,11 @@ class ModelConfig(_Strict):
         "Linear, with transformers' fusion_config; the same products, several times faster (false: as the "
         "checkpoint declares it)",
     )
+    onednn_few_rows: bool = Field(
+        default=True,
+        description="on CPU, multiply 4 to 128 rows by the decoder's float32 weights with oneDNN, where MKL reads "
+        "them several times slower (batch decode steps, question tails); false: every product with MKL",
+    )
     frames: int = Field(default=8, ge=2, le=64, description="newest sampled frames given per question")
     min_pixels: int = Field(default=128 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel floor")
     max_pixels: int = Field(default=768 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel cap")

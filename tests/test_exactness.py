@@ -16,6 +16,7 @@ import torch
 from streamer.capture.ring import RingBuffer
 from streamer.config import ModelConfig
 from streamer.inference import fastpath
+from streamer.inference.cpu_linear import FewRowLinear
 from streamer.inference.engine import GenerationRequest
 from streamer.inference.fastpath import Prefix, PrefixCache, split_prompt
 from streamer.inference.loader import LoadedModel, load_model
@@ -270,6 +271,27 @@ def test_the_patch_embedding_loaded_as_a_linear_keeps_the_seeds_logits_and_token
     assert len(ours.logits) == len(theirs.logits)
     for a, b in zip(ours.logits, theirs.logits, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_a_batch_decoded_with_onednn_gives_the_seeds_tokens(streamer_cache: Path) -> None:
+    """Five questions decoded together (each step's products have five rows, which go to
+    oneDNN on CPU): each one's token ids are generate's on the model loaded as the seed loads
+    it, whose products all go through nn.Linear."""
+    cfg = ModelConfig(id="tiny-random-instruct")
+    engine = TransformersEngine(load_model(cfg), cfg)
+    seed = load_model(seed_model_config(cfg))
+    head = engine.loaded.model.get_output_embeddings()
+    assert type(head) is FewRowLinear and type(seed.model.get_output_embeddings()) is torch.nn.Linear
+    rows: list[int] = []
+    hook = head.register_forward_pre_hook(lambda module, args: rows.append(args[0].numel() // args[0].shape[-1]))
+    questions = [*QUESTIONS, "Is it raining?", "How many people are there?"]
+    requests = _requests(_frames(8, seed=12), questions, tokens=12, stream="onednn")
+    try:
+        batched = _batched(engine, requests)
+    finally:
+        hook.remove()
+    assert max(rows) == len(questions)  # the steps the batch ran together went to oneDNN
+    assert batched == [_reference(engine, r, seed) for r in requests]
 
 
 def test_what_the_fast_path_cannot_reproduce_takes_the_plain_path(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from streamer.config import ModelConfig
+from streamer.inference.cpu_linear import route_few_row_linears
 from streamer.inference.engine import Engine, GenerationRequest, GenerationResult, Joiner, Readiness
 from streamer.inference.fastrunner import FastRunner, IncrementalDecoder
 from streamer.inference.loader import LoadedModel
@@ -33,22 +34,6 @@ FAST_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 #: Test-only fault injection: shift the M-RoPE positions of every question on the fast path by
 #: this much, so a check of exactness (``streamer bench``) can be shown to fail.
 _FAULT_SHIFT_ENV = "STREAMER_FAULT_SHIFT_POSITION"
-
-
-def lay_out_lm_head_for_cpu(model: Any) -> None:
-    """Store the output projection's weight column-major (in place: memory unchanged).
-
-    Every first token and every decode step of one question multiplies one row by the
-    vocabulary-wide weight (151936 x 1536 for Qwen2-VL-2B); on CPU, MKL does that product
-    about a third faster against a K x N layout than against the N x K one ``from_pretrained``
-    gives (58 -> 38 ms here). The logits agree to ~1e-5 relative, the same order as a batched
-    product against a single-row one, which the fast path already compares on token ids.
-    Tied input embeddings read the same tensor through the transposed view (a row gather)."""
-    head = model.get_output_embeddings()
-    if head is None or head.weight.dim() != 2 or not head.weight.is_contiguous():
-        return
-    with torch.no_grad():
-        head.weight.data = head.weight.data.t().contiguous().t()
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -113,8 +98,8 @@ class TransformersEngine(Engine):
         self.model_id = loaded.model_id
         self.note = loaded.note
         model = loaded.model
-        if loaded.device.type == "cpu":
-            lay_out_lm_head_for_cpu(model)
+        if loaded.device.type == "cpu" and cfg.onednn_few_rows:
+            route_few_row_linears(model)
         self.vision_cache = VisionCache(cfg.vision_cache_mb * 2**20)
         self.vision = VisionEncoder(model, loaded.processor, self.vision_cache, cfg.min_pixels, cfg.max_pixels)
         self.prefix_cache = PrefixCache(keep=cfg.prefix_cache_windows, max_bytes=cfg.prefix_cache_mb * 2**20)
