@@ -218,8 +218,8 @@ class ModelConfig(_Strict):
     )
     onednn_few_rows: bool = Field(
         default=True,
-        description="on CPU, multiply 4 to 128 rows by the decoder's float32 weights with oneDNN, where MKL reads "
-        "them several times slower (batch decode steps, question tails); false: every product with MKL",
+        description="on CPU, multiply 4 to 128 rows by the decoder's float32 weights with oneDNN, where MKL takes "
+        "up to twice as long (batch decode steps, question tails); false: every product with MKL",
     )
     frames: int = Field(default=8, ge=2, le=64, description="newest sampled frames given per question")
     min_pixels: int = Field(default=128 * 28 * 28, ge=4 * 28 * 28, description="per-frame pixel floor")

@@ -2,9 +2,9 @@
 
 A batch decode step multiplies a handful of rows (one per question) by every decoder weight.
 For 4 to a few dozen rows MKL's float32 GEMM, which ``torch.nn.functional.linear`` calls on
-CPU, reads the ``out x in`` weight far slower than for one row: a decode step of 8 questions
-on Qwen2-VL-2B's decoder cost 2.4 times one question's where the weights' memory traffic is
-the same. oneDNN's inner-product primitive (torch's own, the one its CPU compiler emits for
+CPU, reads the ``out x in`` weight far slower than for one row: the products of a decode step
+of 8 questions on the benchmark's model took 2.4 times one question's, where the weights'
+memory traffic is the same. oneDNN's inner-product primitive (torch's own, the one its CPU compiler emits for
 frozen linears) reads the same float32 weight, in place, at close to the one-row cost.
 Measured on this project's 2-core CPU, the 7 decoder layers of the benchmark's model
 (float32, ms per pass over every layer's linears, medians of 3 interleaved runs):
