@@ -15,7 +15,8 @@ from streamer.inference.cpu_linear import ONEDNN_ROWS, FewRowLinear, onednn_line
 from streamer.inference.loader import load_model
 from streamer.inference.transformers_engine import TransformersEngine
 
-needs_onednn = pytest.mark.skipif(onednn_linear_usable() is not None, reason=str(onednn_linear_usable()))
+_WHY_NOT = onednn_linear_usable()
+needs_onednn = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 @needs_onednn

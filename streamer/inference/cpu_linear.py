@@ -4,8 +4,9 @@ A batch decode step multiplies a handful of rows (one per question) by every dec
 For 4 to a few dozen rows MKL's float32 GEMM, which ``torch.nn.functional.linear`` calls on
 CPU, reads the ``out x in`` weight far slower than for one row: the products of a decode step
 of 8 questions on the benchmark's model took 2.4 times one question's, where the weights'
-memory traffic is the same. oneDNN's inner-product primitive (torch's own, the one its CPU compiler emits for
-frozen linears) reads the same float32 weight, in place, at close to the one-row cost.
+memory traffic is the same. oneDNN's inner-product primitive (torch's own, the one its CPU
+compiler emits for frozen linears) reads the same float32 weight, in place, at close to the
+one-row cost.
 Measured on this project's 2-core CPU, the 7 decoder layers of the benchmark's model
 (float32, ms per pass over every layer's linears, medians of 3 interleaved runs):
 
@@ -78,12 +79,12 @@ def route_few_row_linears(model: Any) -> int:
     :class:`FewRowLinear`; returns how many. Parameters are shared, not copied (tied
     embeddings stay tied); the model's memory is unchanged. Nothing changes (0) where
     :func:`onednn_linear_usable` says no, or the model is not float32 on CPU."""
-    why = onednn_linear_usable()
     head = model.get_output_embeddings()
+    if head is None or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
+        return 0
+    why = onednn_linear_usable()
     if why is not None:
         log.info("few-row products stay with MKL: %s", why)
-        return 0
-    if head is None or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
         return 0
     targets = [m for m in (*model.get_decoder().modules(), head) if type(m) is nn.Linear and m.weight.is_contiguous()]
     for module in targets:
