@@ -239,13 +239,14 @@ def test_readiness_says_how_long_a_prefill_still_needs_at_the_measured_speed(tin
     frames = window_of(_ring(seed=9), 8)
     rgb, ids = [f.rgb for f in frames], [(f.seq, f.ts) for f in frames]
     while (ready := fresh.readiness("left", rgb, ids, 2.0)) is not None and ready.missing_pairs:
-        assert ready.prefill_left_s is None
+        assert ready.prefill_left_s is None and ready.prefill_s is None
         assert fresh.warm("left", rgb, ids, 2.0)
     assert ready is not None and ready.prefill_left_s is None  # encoded; no prefill step timed yet
     lefts = []
     while fresh.warm("left", rgb, ids, 2.0):
         ready = fresh.readiness("left", rgb, ids, 2.0)
-        assert ready is not None and ready.prefill_left_s is not None
+        assert ready is not None and ready.prefill_left_s is not None and ready.prefill_s is not None
+        assert ready.prefill_left_s <= ready.prefill_s  # the whole prefill's time, begun or not
         lefts.append(ready.prefill_left_s)
     assert lefts[-1] == 0 and all(left > 0 for left in lefts[:-1])
     # What is left is what was done's complement: token-layers left, at the speed measured so far.
@@ -257,7 +258,7 @@ def test_readiness_says_how_long_a_prefill_still_needs_at_the_measured_speed(tin
     assert ready is not None and ready.missing_pairs == 4 and ready.prefill_left_s is not None
     head = fast.prefix_ids(fast.vision.window("left", rgb, ids).embeds.shape[0])
     whole = len(head) * len(_decoder_layers(fresh)) * fast.token_layer_s
-    assert ready.prefill_left_s == pytest.approx(whole)
+    assert ready.prefill_left_s == pytest.approx(whole) and ready.prefill_s == pytest.approx(whole)
 
 
 def test_a_prefill_stepped_by_layers_equals_the_models_own_forward(engine: TransformersEngine) -> None:

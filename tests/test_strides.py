@@ -56,34 +56,52 @@ def test_strided_windows_keep_the_newest_size_and_say_when_short() -> None:
         strided_windows(ring, 8, 0, 1)
 
 
-def test_the_governor_rises_when_encoding_falls_behind_and_falls_with_room_to_spare() -> None:
-    """Stride = ceil(encode s x pairs/s at stride 1 / 0.25): up at once, down only with a third to spare."""
-    gov = StrideGovernor(max_stride=8)
+def test_the_governor_rises_when_a_new_pair_costs_too_much_and_falls_with_room_to_spare() -> None:
+    """Stride = ceil((encode s + prefill s) x pairs/s at stride 1 / 0.6): up when a sixth over, down with a third
+    to spare, at most max_stride; before a prefill is measured the encoding alone counts."""
+    gov = StrideGovernor(max_stride=16)
     assert gov.update([2.0]) == 1  # nothing measured yet
-    gov.encoded(0.2)  # a 2 fps stream gains 1 pair/s at stride 1: 0.2 s of each second
-    assert gov.update([2.0]) == 1
-    gov.encoded(0.6)  # the average: 0.7 x 0.2 + 0.3 x 0.6 = 0.32 s a pair
-    assert gov.update([2.0]) == 2  # ceil(0.32 / 0.25)
-    assert gov.update([2.0, 2.0]) == 3  # two streams: ceil(0.64 / 0.25)
-    assert gov.update([2.0]) == 2  # one stream again: 2 fits with a third to spare (ceil(0.43 / 0.25))
-    for _ in range(30):
-        gov.encoded(0.1)
-    assert gov.update([2.0]) == 1  # a faster encoder: ceil(0.1 x 1.33 / 0.25) = 1
-    gov.encoded(100.0)
-    assert gov.update([2.0]) == 8  # at most max_stride
+    gov.encoded(0.3)  # a 2 fps stream gains 1 pair/s at stride 1: 0.3 s of each second
+    assert gov.update([2.0]) == 1  # 0.3 / 0.6: it fits
+    gov.encoded(1.2)  # the average: 0.7 x 0.3 + 0.3 x 1.2 = 0.57 s a pair
+    assert gov.update([2.0]) == 1  # 0.57 / 0.6 = 0.95: within a sixth of its share
+    gov.encode_s = 0.9
+    assert gov.update([2.0]) == 2  # ceil(0.9 / 0.6)
+    gov.prefilled(2.1)  # each new pair's window is prefilled too: 3 s a pair
+    assert gov.update([2.0]) == 5  # ceil(3.0 / 0.6)
+    assert gov.update([2.0, 2.0]) == 10  # two streams: ceil(6.0 / 0.6)
+    assert gov.update([2.0]) == 7  # one stream again: down to what fits with a third to spare, ceil(3.0 x 1.33 / 0.6)
+    gov.prefilled(0.1)
+    gov.encode_s = 0.2
+    assert gov.update([2.0]) == 1  # a faster machine: ceil(0.3 x 1.33 / 0.6) = 1
+    gov.prefilled(100.0)
+    assert gov.update([2.0]) == 16  # at most max_stride
     with pytest.raises(ValueError):
         StrideGovernor(0)
 
 
-def test_the_governor_keeps_a_stride_that_fits_within_a_third() -> None:
-    """A measurement just below the current stride's need does not lower it (cached pairs belong to one grid)."""
-    gov = StrideGovernor(max_stride=8)
-    gov.encoded(0.6)
-    assert gov.update([2.0]) == 3  # ceil(0.6 / 0.25) = 3
-    gov.encode_s = 0.45  # needs ceil(1.8) = 2, but with a third to spare ceil(2.39) = 3: stays
-    assert gov.update([2.0]) == 3
-    gov.encode_s = 0.3  # with a third to spare ceil(1.6) = 2
-    assert gov.update([2.0]) == 2
+def test_the_governor_keeps_a_stride_through_swings_of_a_tenth() -> None:
+    """At stride 5 (3 s a pair at 2 fps), 3.3 s does not raise it nor 2.4 s lower it; 3.6 s raises it, 2.2 s
+    lowers it (cached pairs belong to one grid: every change costs a window's vision work)."""
+    gov = StrideGovernor(max_stride=16)
+    gov.encoded(1.0)
+    gov.prefilled(2.0)
+    assert gov.update([2.0]) == 5
+    for pair_s, stride in ((3.3, 5), (2.4, 5), (3.6, 6), (3.0, 6), (2.2, 5)):
+        gov.prefilled(pair_s - 1.0)
+        assert gov.update([2.0]) == stride, pair_s
+
+
+def test_the_governor_says_once_when_its_largest_stride_is_short(caplog: pytest.LogCaptureFixture) -> None:
+    """A new pair that costs more than its share even at max_stride: a warning naming the knobs, once."""
+    gov = StrideGovernor(max_stride=4)
+    gov.encoded(2.0)
+    gov.prefilled(3.0)
+    with caplog.at_level("WARNING", logger="streamer.inference.policy"):
+        assert gov.update([2.0]) == 4
+        assert gov.update([2.0]) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "max_frame_stride" in warnings[0] and "5.00 s" in warnings[0]
 
 
 def test_a_young_stream_gets_whole_windows_at_a_lower_stride() -> None:
@@ -97,6 +115,18 @@ def test_a_young_stream_gets_whole_windows_at_a_lower_stride() -> None:
     feed = StreamFeed(_ring(60), 2.0)
     (window,), stride = strides.windows(feed, 8, 4, 1)
     assert stride == 4 and len(window) == 8 and window[-1].seq == 52  # 56 starts a pair
+
+
+def test_a_young_stream_halves_the_stride_and_a_short_buffer_caps_it() -> None:
+    """Stride 12 for 8 frames (120 frames held): 6 with 60-119 held, 3 with 30-59, 1 below; a 64-frame buffer
+    caps it at 6 however long the stream runs."""
+    from streamer.inference.loop import Strides
+
+    strides = Strides(frame_stride=12)
+    for held, expected in ((29, 1), (30, 3), (59, 3), (60, 6), (119, 6), (120, 12)):
+        ring = _ring(held, capacity=256)
+        assert strides.windows(StreamFeed(ring, 2.0), 8, 12, 1)[1] == expected, held
+    assert strides.windows(StreamFeed(_ring(200, capacity=64), 2.0), 8, 12, 1)[1] == 6
 
 
 def test_once_every_window_is_ready_warm_up_works_ahead_on_the_grid_only() -> None:
@@ -172,6 +202,31 @@ def test_warm_up_works_ahead_instead_of_a_prefill_that_would_end_after_the_next_
     engine = Prefilling(60.0, True)
     assert Warmer(engine, 4, strides=Strides(frame_stride=1)).step(feeds)  # type: ignore[arg-type]
     assert engine.calls == ["warm"]  # not on a grid: no next window to work ahead on
+
+
+def test_warm_up_tells_the_governor_what_a_new_pair_costs() -> None:
+    """With frame_stride auto, the encode time warm-up measures and the engine's whole-prefill estimate
+    reach the governor."""
+    from streamer.inference.engine import Engine, Readiness
+    from streamer.inference.loop import Strides, Warmer
+
+    class Encoding(Engine):
+        note = None
+        model_id = "x"
+
+        def generate(self, request, on_text, should_stop):  # pragma: no cover - never asked
+            raise AssertionError
+
+        def readiness(self, stream, frames, ids, sample_fps) -> Readiness:
+            return Readiness(missing_pairs=1, prefix_ready=False, prefill_left_s=3.5, prefill_s=3.5)
+
+        def warm(self, stream, frames, ids, sample_fps) -> bool:
+            return True  # it encoded a pair
+
+    strides = Strides(frame_stride="auto")
+    assert Warmer(Encoding(), 4, strides=strides).step({"s": StreamFeed(_ring(40), 2.0)})
+    assert strides.governor is not None
+    assert strides.governor.prefill_s == 3.5 and strides.governor.encode_s is not None
 
 
 class _Answers:

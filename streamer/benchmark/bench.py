@@ -110,6 +110,10 @@ COLD_QUESTIONS = {False: 5, True: 2}
 LIVE_CLIP_FRAMES = 40
 #: Live: one question every this many seconds on average, at random moments (full, quick).
 LIVE_EVERY_S = {False: 10.0, True: 4.0}
+#: Live: seconds the stream runs before the first question (full, quick). A live camera runs
+#: before anyone asks: the stride has settled and the stream holds a window at that stride
+#: (at stride 16, 8 frames take 160 sampled frames: 80 s at 2 fps).
+LIVE_SETTLE_S = {False: 90.0, True: 40.0}
 SAMPLE_FPS = 2.0
 
 
@@ -707,8 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--live-settle",
         type=float,
-        default=40.0,
-        help="seconds the live case's stream runs before the first question (default 40)",
+        help="seconds the live case's stream runs before the first question (default 90, 40 with --quick)",
     )
     parser.add_argument(
         "--live-every",
@@ -738,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             cold_questions=0 if args.only_warm else COLD_QUESTIONS[args.quick],
             window_lag_s=args.window_lag,
             frame_stride=args.frame_stride if args.frame_stride == "auto" else int(args.frame_stride),
-            live_settle_s=args.live_settle,
+            live_settle_s=LIVE_SETTLE_S[args.quick] if args.live_settle is None else args.live_settle,
             live_every_s=LIVE_EVERY_S[args.quick] if args.live_every is None else args.live_every,
         )
     )

@@ -65,6 +65,9 @@ class Readiness:
     #: Seconds the prefix's prefill still needs, at the speed measured on this machine (None:
     #: not measured yet); what was begun ahead counts as done.
     prefill_left_s: float | None = None
+    #: Seconds the prefix's whole prefill takes at that speed, begun or not (None: not measured
+    #: yet): a new pair's cost to the loop, with its encoding (:class:`StrideGovernor`).
+    prefill_s: float | None = None
 
 
 class Engine(ABC):

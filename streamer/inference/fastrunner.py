@@ -194,17 +194,17 @@ class WindowPrefixes:
         keys = tuple(key for _, key in pairs)
         missing = sum(1 for key in keys if key not in self.vision.cache)
         key = self.prefix_key(keys, sample_fps)
+        speed = self.token_layer_s
+        whole = len(self.prefix_ids(len(keys) * self._pair_tokens(keys[0]))) * self._layers  # token-layers
+        prefill_s = None if speed is None else whole * speed
         if key in self.prefix_cache:
-            return Readiness(missing_pairs=missing, prefix_ready=True, prefill_left_s=0.0)
+            return Readiness(missing_pairs=missing, prefix_ready=True, prefill_left_s=0.0, prefill_s=prefill_s)
         left = None
-        if self.token_layer_s is not None:
+        if speed is not None:
             begun = self.prefills.get(key) or self._ahead_of(stream, keys, sample_fps)
-            if begun is not None:
-                done, total = begun.work
-            else:
-                done, total = 0, len(self.prefix_ids(len(keys) * self._pair_tokens(keys[0]))) * self._layers
-            left = (total - done) * self.token_layer_s
-        return Readiness(missing_pairs=missing, prefix_ready=False, prefill_left_s=left)
+            done, total = begun.work if begun is not None else (0, whole)
+            left = (total - done) * speed
+        return Readiness(missing_pairs=missing, prefix_ready=False, prefill_left_s=left, prefill_s=prefill_s)
 
     def _pair_tokens(self, key: PairKey) -> int:
         """Video tokens a pair of frames of ``key``'s size makes (patches, merged)."""

@@ -121,7 +121,7 @@ class Strides:
     but the default, windows lie on that stride's grid of frame pairs
     (:func:`strided_windows`). Used on the inference thread only."""
 
-    def __init__(self, frame_stride: int | str = 1, max_frame_stride: int = 8) -> None:
+    def __init__(self, frame_stride: int | str = 1, max_frame_stride: int = 16) -> None:
         self.governor = StrideGovernor(max_frame_stride) if frame_stride == "auto" else None
         self.fixed = 1 if self.governor is not None else int(frame_stride)
         self.aligned = self.governor is not None or self.fixed > 1
@@ -139,13 +139,23 @@ class Strides:
             span = window_of(feed.ring, n + count - 1)
             ends = range(len(span), min(n, len(span)) - 1, -1)
             return [span[max(0, end - n) : end] for end in ends], 1
+        # At most what the buffer holds; a young stream halves that until its frames make a
+        # window: every change of stride costs a window's vision work, so a few steps rather
+        # than one per frame.
+        stride = max(1, min(stride, feed.ring.capacity // window_span(n)))
         held = len(window_of(feed.ring, feed.ring.capacity))
-        stride = max(1, min(stride, held // window_span(n)))
+        while stride > 1 and held < stride * window_span(n):
+            stride //= 2
         return strided_windows(feed.ring, n, stride, count), stride
 
     def encoded(self, seconds: float) -> None:
         if self.governor is not None:
             self.governor.encoded(seconds)
+
+    def measured(self, ready: Readiness) -> None:
+        """What the engine says of a window: its whole prefill's time, for the governor."""
+        if self.governor is not None and ready.prefill_s is not None:
+            self.governor.prefilled(ready.prefill_s)
 
 
 class Warmer:
@@ -183,6 +193,8 @@ class Warmer:
                 for frames in windows:
                     rgb, ids, fps = [f.rgb for f in frames], _ids(frames), feed.sample_fps / k
                     before = self.engine.readiness(name, rgb, ids, fps) if self.strides.aligned else None
+                    if before is not None:
+                        self.strides.measured(before)
                     if (
                         before is not None
                         and frames is windows[-1]
@@ -384,7 +396,7 @@ class InferenceLoop:
         warm_frames: int = 0,
         window_lag_s: float = 0.0,
         frame_stride: int | str = 1,
-        max_frame_stride: int = 8,
+        max_frame_stride: int = 16,
     ) -> None:
         """``max_batch``: questions about the same window answered together (people's asks
         and watch rounds alike); a batch that could grow waits up to ``batch_window_s`` for

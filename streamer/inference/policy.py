@@ -450,44 +450,75 @@ def choose_window(options: list[WindowOption], window_lag_s: float) -> int:
 
 
 class StrideGovernor:
-    """How many sampled frames apart a window's frames are (the stride), so that the vision
-    encoder keeps pace with the streams (``model.frame_stride: auto``).
+    """How many sampled frames apart a window's frames are (the stride), so that the loop
+    keeps pace with the streams (``model.frame_stride: auto``).
 
     A window of ``frames`` frames at stride ``k`` gains one new frame pair every ``2k``
-    sampled frames, and warm-up must encode those pairs between questions, or questions pay
-    for them. The stride is the smallest ``k`` at which encoding every stream's new pairs
-    takes at most ``encoder_share`` of the time (one pair's encode time is measured by
-    warm-up), so that the rest is left for questions, up to ``max_stride``. It rises as soon
-    as a measurement needs it and falls only when the smaller stride would fit with a third
-    to spare: cached pairs belong to one stride's grid, so every change costs a window's
-    vision work. Plain code: measurements come in as arguments."""
+    sampled frames, and each new pair costs the loop its encoding and the prefill of the
+    window it makes (whether warm-up or a question does them). The stride is the smallest
+    ``k`` at which that work for every stream takes at most ``warm_share`` of the time, so
+    that the rest is left for questions, up to ``max_stride``. Both costs are measured while
+    running: a pair's encoding by warm-up (:meth:`encoded`), a window's prefill by the
+    engine's prefill steps (:meth:`prefilled`); before the prefill is measured the encoding
+    alone counts. Cached pairs belong to one stride's grid, so every change costs a window's
+    vision work: the stride rises when the work would take a sixth more than its share and
+    falls only when the smaller stride fits with a third to spare, so that a host whose
+    speed swings by a tenth keeps its stride. When even ``max_stride`` is short it says so
+    once: questions then wait for pairs and prefills. Plain code: measurements come in as
+    arguments."""
 
-    def __init__(self, max_stride: int, *, encoder_share: float = 0.25) -> None:
+    def __init__(self, max_stride: int, *, warm_share: float = 0.6) -> None:
         if max_stride < 1:
             raise ValueError("max_stride must be at least 1")
         self.max_stride = max_stride
-        self.encoder_share = encoder_share
+        self.warm_share = warm_share
         self.stride = 1
         #: Seconds to encode one frame pair (exponential average), None before the first.
         self.encode_s: float | None = None
+        #: Seconds a window's whole prefill takes (the engine's estimate), None before one.
+        self.prefill_s: float | None = None
+        self._short = False
 
     def encoded(self, seconds: float) -> None:
         """Warm-up encoded one frame pair in ``seconds``."""
         self.encode_s = seconds if self.encode_s is None else 0.7 * self.encode_s + 0.3 * seconds
 
+    def prefilled(self, seconds: float) -> None:
+        """A window's whole prefill takes ``seconds`` at the speed measured now."""
+        self.prefill_s = seconds
+
     def update(self, sample_fps: list[float]) -> int:
         """The stride to use now for streams sampled at ``sample_fps``."""
         if self.encode_s is None or not sample_fps:
             return self.stride
-        encode_s, pairs_per_s_at_1 = self.encode_s, sum(sample_fps) / 2
+        pair_s = self.encode_s + (self.prefill_s or 0.0)  # the loop's work for one new pair
+        pairs_per_s_at_1 = sum(sample_fps) / 2
 
         def needed(margin: float) -> int:
-            share = encode_s * pairs_per_s_at_1 * margin / self.encoder_share
-            return max(1, min(self.max_stride, math.ceil(share)))
+            return math.ceil(pair_s * pairs_per_s_at_1 * margin / self.warm_share)
 
-        if needed(1.0) > self.stride or needed(1.33) < self.stride:
-            self.stride = needed(1.0) if needed(1.0) > self.stride else needed(1.33)
-            log.info("frame stride %d: one frame pair takes %.2f s to encode", self.stride, encode_s)
+        if needed(1 / 1.17) > self.stride or needed(1.33) < self.stride:
+            stride = max(1, min(self.max_stride, needed(1.0) if needed(1 / 1.17) > self.stride else needed(1.33)))
+            if stride != self.stride:
+                self.stride = stride
+                log.info(
+                    "frame stride %d: a new frame pair costs %.2f s (encoding %.2f s, prefill %s)",
+                    stride,
+                    pair_s,
+                    self.encode_s,
+                    "not measured yet" if self.prefill_s is None else f"{self.prefill_s:.2f} s",
+                )
+        if needed(1 / 1.17) > self.max_stride and not self._short:
+            self._short = True
+            log.warning(
+                "frame stride %d (max_frame_stride) is short: each new frame pair costs %.2f s, more than "
+                "%.0f%% of its %.1f s; questions will wait for pairs and prefills (raise max_frame_stride "
+                "and buffer_frames, or lower sample_fps)",
+                self.max_stride,
+                pair_s,
+                self.warm_share * 100,
+                self.max_stride / pairs_per_s_at_1,
+            )
         return self.stride
 
 
