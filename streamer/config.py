@@ -277,7 +277,7 @@ class ModelConfig(_Strict):
         "frames); above 1 windows lie on a fixed grid of frame pairs, so they share vision work as the stream "
         "moves on, and their newest frame may be up to 2 x stride - 1 sampled frames old; auto: the smallest "
         "stride at which the loop keeps up with the streams (each new pair's encoding and prefill, measured, take at "
-        "most half the time), up to max_frame_stride",
+        "most 70% of the time), up to max_frame_stride",
     )
     max_frame_stride: int = Field(default=16, ge=1, le=64, description="frame_stride auto: the largest stride")
     prefill_chunk_tokens: int = Field(

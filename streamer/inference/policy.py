@@ -459,33 +459,56 @@ class StrideGovernor:
     ``k`` at which that work for every stream takes at most ``warm_share`` of the time, so
     that the rest is left for questions, up to ``max_stride``. Both costs are measured while
     running: a pair's encoding by warm-up (:meth:`encoded`), a window's prefill by the
-    engine's prefill steps (:meth:`prefilled`); before the prefill is measured the encoding
-    alone counts. Cached pairs belong to one stride's grid, so every change costs a window's
-    vision work: the stride rises when the work would take a sixth more than its share and
-    falls only when the smaller stride fits with a third to spare, so that a host whose
-    speed swings by a tenth keeps its stride. When even ``max_stride`` is short it says so
-    once: questions then wait for pairs and prefills. Plain code: measurements come in as
+    engine's prefill steps (:meth:`prefilled`, sampled once per encoded pair); before the
+    prefill is measured the encoding alone counts.
+
+    Cached pairs belong to one stride's grid, so every change costs a window's vision work,
+    and a shared host's speed swings by a fifth for tens of seconds. So the costs are slow
+    averages (the mean of the first ten, then each new one weighs a tenth), the stride rises
+    only when the work takes a fifth more than its share and falls only when the smaller
+    stride fits with a third to spare. When even ``max_stride`` is short it says so once:
+    questions then wait for pairs and prefills. Plain code: measurements come in as
     arguments."""
 
-    def __init__(self, max_stride: int, *, warm_share: float = 0.6) -> None:
+    #: Weight of a new measurement once ``1 / SLOW`` have come (before: their mean).
+    SLOW = 0.1
+    #: The work may exceed its share by this factor before the stride rises.
+    RISE = 1.2
+    #: A smaller stride is taken when its work fits in its share with this factor to spare.
+    FALL = 1.33
+
+    def __init__(self, max_stride: int, *, warm_share: float = 0.7) -> None:
         if max_stride < 1:
             raise ValueError("max_stride must be at least 1")
         self.max_stride = max_stride
         self.warm_share = warm_share
         self.stride = 1
-        #: Seconds to encode one frame pair (exponential average), None before the first.
+        #: Seconds to encode one frame pair (slow average), None before the first.
         self.encode_s: float | None = None
-        #: Seconds a window's whole prefill takes (the engine's estimate), None before one.
+        #: Seconds a window's whole prefill takes (slow average of the engine's estimates),
+        #: None before the first.
         self.prefill_s: float | None = None
+        self._counts = [0, 0]  # measurements in each average
+        self._prefill_now: float | None = None
         self._short = False
 
+    def _average(self, which: int, old: float | None, sample: float) -> float:
+        self._counts[which] += 1
+        weight = max(self.SLOW, 1 / self._counts[which])
+        return sample if old is None else old + weight * (sample - old)
+
     def encoded(self, seconds: float) -> None:
-        """Warm-up encoded one frame pair in ``seconds``."""
-        self.encode_s = seconds if self.encode_s is None else 0.7 * self.encode_s + 0.3 * seconds
+        """Warm-up encoded one frame pair in ``seconds``; the prefill's estimate then counts once."""
+        self.encode_s = self._average(0, self.encode_s, seconds)
+        if self._prefill_now is not None:
+            self.prefill_s = self._average(1, self.prefill_s, self._prefill_now)
 
     def prefilled(self, seconds: float) -> None:
-        """A window's whole prefill takes ``seconds`` at the speed measured now."""
-        self.prefill_s = seconds
+        """A window's whole prefill takes ``seconds`` at the speed the engine measures now
+        (the first estimate counts at once, later ones with the next encoded pair)."""
+        self._prefill_now = seconds
+        if self.prefill_s is None:
+            self.prefill_s = self._average(1, None, seconds)
 
     def update(self, sample_fps: list[float]) -> int:
         """The stride to use now for streams sampled at ``sample_fps``."""
@@ -497,8 +520,9 @@ class StrideGovernor:
         def needed(margin: float) -> int:
             return math.ceil(pair_s * pairs_per_s_at_1 * margin / self.warm_share)
 
-        if needed(1 / 1.17) > self.stride or needed(1.33) < self.stride:
-            stride = max(1, min(self.max_stride, needed(1.0) if needed(1 / 1.17) > self.stride else needed(1.33)))
+        rise, fall = needed(1 / self.RISE) > self.stride, needed(self.FALL) < self.stride
+        if rise or fall:
+            stride = max(1, min(self.max_stride, needed(1.0) if rise else needed(self.FALL)))
             if stride != self.stride:
                 self.stride = stride
                 log.info(
@@ -508,7 +532,7 @@ class StrideGovernor:
                     self.encode_s,
                     "not measured yet" if self.prefill_s is None else f"{self.prefill_s:.2f} s",
                 )
-        if needed(1 / 1.17) > self.max_stride and not self._short:
+        if needed(1 / self.RISE) > self.max_stride and not self._short:
             self._short = True
             log.warning(
                 "frame stride %d (max_frame_stride) is short: each new frame pair costs %.2f s, more than "
