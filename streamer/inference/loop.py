@@ -405,8 +405,8 @@ class InferenceLoop:
         prepare the window of that many newest frames of each stream (0: never).
         ``window_lag_s``: how much older than the newest frames a better prepared window a
         question takes may be (0: always the newest frames). ``frame_stride``: sampled frames
-        from one frame of a window to the next, or ``"auto"``: as few as keep the vision
-        encoder up with the streams, at most ``max_frame_stride`` (see :class:`Strides`)."""
+        from one frame of a window to the next, or ``"auto"``: as few as keep the loop up
+        with the streams' new pairs, at most ``max_frame_stride`` (see :class:`Strides`)."""
         self.engine = engine
         self.streams: dict[str, StreamFeed] = dict(streams)
         self.batch_window_s = batch_window_s
