@@ -133,8 +133,9 @@ class Strides:
 
     def windows(self, feed: StreamFeed, n: int, stride: int, count: int) -> tuple[list[list[Frame]], int]:
         """Up to ``count`` candidate windows of ``n`` frames, newest first, and their stride:
-        lowered to one at which the frames held make a whole window (a young stream, or a
-        small ``buffer_frames``, gets ``n`` frames closer together, not fewer frames)."""
+        lowered to what the buffer holds, then halved until the frames held make a whole
+        window (a young stream, or a small ``buffer_frames``, gets ``n`` frames closer
+        together, not fewer frames)."""
         if not self.aligned:
             span = window_of(feed.ring, n + count - 1)
             ends = range(len(span), min(n, len(span)) - 1, -1)
@@ -168,8 +169,9 @@ class Warmer:
     window the stream's next pair will make, as far as the frames it has allow
     (:meth:`Engine.warm_ahead`): when that pair comes, only its encoding and the rest of the
     prefill stand between its capture and a prepared window. It times the pieces that encode
-    a frame pair, for the stride (:class:`Strides`). A failure is logged and pauses it for a
-    while; questions are not affected."""
+    a frame pair and passes on the engine's estimate of a window's whole prefill, for the
+    stride (:class:`Strides`). A failure is logged and pauses it for a while; questions are
+    not affected."""
 
     def __init__(self, engine: Engine, frames: int, window_lag_s: float = 0.0, strides: Strides | None = None) -> None:
         self.engine = engine
