@@ -488,27 +488,30 @@ class StrideGovernor:
         #: Seconds a window's whole prefill takes (slow average of the engine's estimates),
         #: None before the first.
         self.prefill_s: float | None = None
-        self._counts = [0, 0]  # measurements in each average
-        self._prefill_now: float | None = None
+        self._encodes = self._prefills = 0  # measurements in each average
+        self._prefill_now: float | None = None  # the engine's latest estimate, not yet counted
         self._short = False
 
-    def _average(self, which: int, old: float | None, sample: float) -> float:
-        self._counts[which] += 1
-        weight = max(self.SLOW, 1 / self._counts[which])
-        return sample if old is None else old + weight * (sample - old)
+    def _slow(self, old: float | None, count: int, sample: float) -> float:
+        """The average ``old`` of ``count - 1`` measurements with ``sample`` added."""
+        return sample if old is None else old + max(self.SLOW, 1 / count) * (sample - old)
 
     def encoded(self, seconds: float) -> None:
-        """Warm-up encoded one frame pair in ``seconds``; the prefill's estimate then counts once."""
-        self.encode_s = self._average(0, self.encode_s, seconds)
+        """Warm-up encoded one frame pair in ``seconds``; the prefill's latest estimate then
+        counts once."""
+        self._encodes += 1
+        self.encode_s = self._slow(self.encode_s, self._encodes, seconds)
         if self._prefill_now is not None:
-            self.prefill_s = self._average(1, self.prefill_s, self._prefill_now)
+            self._prefills += 1
+            self.prefill_s = self._slow(self.prefill_s, self._prefills, self._prefill_now)
 
     def prefilled(self, seconds: float) -> None:
         """A window's whole prefill takes ``seconds`` at the speed the engine measures now
         (the first estimate counts at once, later ones with the next encoded pair)."""
-        self._prefill_now = seconds
         if self.prefill_s is None:
-            self.prefill_s = self._average(1, None, seconds)
+            self._prefills, self.prefill_s = 1, seconds
+        else:
+            self._prefill_now = seconds
 
     def update(self, sample_fps: list[float]) -> int:
         """The stride to use now for streams sampled at ``sample_fps``."""
